@@ -1,0 +1,515 @@
+"""DeepSeekMoE language model of DeepSeek-VL2 (the DeepSeek-V2 architecture, arXiv:2405.04434).
+
+Tiny uses plain multi-head attention (``use_mla: false``, Llama layout); Small and Base use
+Multi-head Latent Attention. Every layer after ``first_k_dense_replace`` is a mixture of shared
+and routed experts. Module and parameter names are the checkpoint keys under ``language.``.
+
+Letters in shape comments: B batch, T new tokens, S cached + new tokens, H heads, D hidden,
+R kv_lora_rank, E routed experts, K experts per token, N = B*T tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration import DeepseekV2Config
+
+
+class DeepseekV2RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the scale, as upstream."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_inv_freq(dim: int, base: float, factor: float, scaling: dict) -> torch.Tensor:
+    """YaRN: interpolate low frequencies by ``factor``, keep high ones, ramp in between."""
+    original = scaling.get("original_max_position_embeddings", 4096)
+    beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
+    extrapolated = 1.0 / base**exponents
+    interpolated = 1.0 / (factor * base**exponents)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low if high != low else 0.001)).clamp(0, 1)
+    keep = 1.0 - ramp
+    return interpolated * (1 - keep) + extrapolated * keep
+
+
+class DeepseekV2RotaryEmbedding(nn.Module):
+    """cos/sin of the rotary embedding per position, with the official scalings (linear, dynamic NTK, YaRN).
+
+    Frequencies are computed per call (dim/2 numbers): a buffer would be left unset when transformers
+    builds the model on the meta device, as ``from_pretrained`` does.
+    """
+
+    def __init__(self, config: DeepseekV2Config, dim: int) -> None:
+        super().__init__()
+        self.dim, self.base = dim, config.rope_theta
+        self.max_position_embeddings = config.max_position_embeddings
+        self.scaling = config.rope_scaling or {}
+        self.kind = self.scaling.get("type", self.scaling.get("rope_type", "default"))
+        self.factor = self.scaling.get("factor", 1.0)
+        self.mscale = 1.0
+        if self.kind == "yarn":
+            self.mscale = yarn_get_mscale(self.factor, self.scaling.get("mscale", 1)) / yarn_get_mscale(
+                self.factor, self.scaling.get("mscale_all_dim", 0)
+            )
+
+    def inv_freq(self, seq_len: int) -> torch.Tensor:
+        if self.kind == "yarn":
+            return yarn_inv_freq(self.dim, self.base, self.factor, self.scaling)
+        base = self.base
+        if self.kind == "dynamic" and seq_len > self.max_position_embeddings:
+            ntk = self.factor * seq_len / self.max_position_embeddings - (self.factor - 1)
+            base = base * ntk ** (self.dim / (self.dim - 2))
+        return 1.0 / base ** (torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim)
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = position_ids.float()
+        if self.kind == "linear":
+            positions = positions / self.factor
+        seq_len = int(position_ids.max()) + 1 if self.kind == "dynamic" else 0
+        freqs = positions[..., None] * self.inv_freq(seq_len).to(positions.device)  # (B, T, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.mscale).to(dtype), (emb.sin() * self.mscale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate (B, H, T, d) by (B, T, d) tables; MLA checkpoints store the rope dims interleaved."""
+    if interleaved:
+        b, h, t, d = x.shape
+        x = x.view(b, h, t, d // 2, 2).transpose(4, 3).reshape(b, h, t, d)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def causal_padding_mask(
+    attention_mask: torch.Tensor | None, past_length: int, query_length: int
+) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask, True where a query may attend; None for a plain causal batch.
+
+    None means no padding and either a single query or no cache: SDPA's ``is_causal`` covers it.
+    Each query may always see itself, so left-padding rows never become all-masked (NaN).
+    """
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if attention_mask is None and (query_length == 1 or past_length == 0):
+        return None
+    device = attention_mask.device if attention_mask is not None else None
+    total = past_length + query_length
+    key_pos = torch.arange(total, device=device)
+    query_pos = torch.arange(past_length, total, device=device)[:, None]
+    mask = key_pos <= query_pos  # (T, S)
+    if attention_mask is None:
+        return mask[None, None]
+    keys_valid = attention_mask[:, None, None, -total:].bool()  # (B, 1, 1, S)
+    return (mask & keys_valid) | (key_pos == query_pos)
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v with the softmax in fp32, as the official eager path (the reference)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask is None and q.shape[-2] > 1:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    causal = mask is None and q.shape[-2] > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+class DeepseekV2MHA(nn.Module):
+    """Multi-head attention of Tiny (``use_mla: false``): the Llama layout with standard RoPE."""
+
+    def __init__(self, config: DeepseekV2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, *rope, interleaved=False), apply_rotary(k, *rope, interleaved=False)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, S, hd)
+        if self.num_kv_heads != self.num_heads:
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        attend = eager_attention if self.config._attn_implementation == "eager" else sdpa_attention
+        out = attend(q, k, v, mask, self.scale)  # (B, H, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class DeepseekV2MLA(nn.Module):
+    """Multi-head Latent Attention: keys and values are decompressed from a cached latent of R numbers.
+
+    The cache holds only the normalised latent (B, 1, S, R) and the shared rope key (B, 1, S, rope).
+    A few queries (decoding) attend in the latent space with ``kv_b_proj`` absorbed into the query
+    and output; many queries (prefill) decompress keys and values once and use fused attention.
+    ``attn_implementation="eager"`` always takes the absorbed form, the official eager math.
+    """
+
+    absorbed_max_queries = 16
+
+    def __init__(self, config: DeepseekV2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = config.q_lora_rank, config.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        q_head_dim = self.nope_dim + self.rope_dim
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * q_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = DeepseekV2RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * q_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            config.hidden_size, self.kv_lora_rank + self.rope_dim, bias=config.attention_bias
+        )
+        self.kv_a_layernorm = DeepseekV2RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, config.hidden_size, bias=config.attention_bias)
+        self.scale = q_head_dim**-0.5
+        if config.rope_scaling is not None and config.rope_scaling.get("mscale_all_dim", 0):
+            mscale = yarn_get_mscale(config.rope_scaling["factor"], config.rope_scaling["mscale_all_dim"])
+            self.scale *= mscale * mscale
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, self.num_heads, -1).transpose(1, 2)  # (B, H, T, nope+rope)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent).unsqueeze(1)  # (B, 1, T, R)
+        k_pe = k_pe.view(b, t, 1, self.rope_dim).transpose(1, 2)  # (B, 1, T, rope)
+        q_pe, k_pe = apply_rotary(q_pe, *rope, interleaved=True), apply_rotary(k_pe, *rope, interleaved=True)
+        if cache is not None:
+            k_pe, latent = cache.update(k_pe, latent, self.layer_idx)  # (B, 1, S, rope), (B, 1, S, R)
+        if self.config._attn_implementation == "eager" or t <= self.absorbed_max_queries:
+            out = self.absorbed_attention(q_nope, q_pe, latent, k_pe, mask)
+        else:
+            out = self.decompressed_attention(q_nope, q_pe, latent, k_pe, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # out: (B, H, T, v)
+
+    def absorbed_attention(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention in the latent space: O(S*R) per query instead of decompressing S keys per head."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, R), (H, v, R)
+        q_latent = torch.matmul(q_nope, w_k)  # (B, H, T, R)
+        scores = (torch.matmul(q_pe, k_pe.mT) + torch.matmul(q_latent, latent.mT)) * self.scale  # (B, H, T, S)
+        if mask is None and q_nope.shape[-2] > 1:
+            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
+        return torch.matmul(torch.matmul(probs, latent), w_v.mT)  # (B, H, T, R) -> (B, H, T, v)
+
+    def decompressed_attention(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Standard attention over keys/values rebuilt from the latent: fewer FLOPs for many queries."""
+        b, _, s, _ = latent.shape
+        kv = self.kv_b_proj(latent.squeeze(1)).view(b, s, self.num_heads, -1).transpose(1, 2)  # (B, H, S, nope+v)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.expand(-1, self.num_heads, -1, -1)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        return sdpa_attention(q, k, v, mask, self.scale)
+
+
+class DeepseekV2MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers, each routed expert and the fused shared experts."""
+
+    def __init__(self, config: DeepseekV2Config, intermediate_size: int | None = None) -> None:
+        super().__init__()
+        width = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEGate(nn.Module):
+    """Router: scores in fp32, then one of the official top-k methods; returns (topk_idx, topk_weight)."""
+
+    def __init__(self, config: DeepseekV2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.top_k = config.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if config.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(config.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (N, E), router in fp32
+        scores = logits.softmax(dim=-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+        if cfg.topk_method == "greedy":
+            weight, idx = scores.topk(self.top_k, dim=-1, sorted=False)
+        elif cfg.topk_method == "group_limited_greedy":
+            group_scores = scores.view(scores.shape[0], cfg.n_group, -1).amax(dim=-1)  # (N, groups)
+            weight, idx = self.masked_to_groups(scores, group_scores).topk(self.top_k, dim=-1, sorted=False)
+        else:  # noaux_tc: the bias only chooses the experts; weights are the unbiased scores
+            choice = scores + self.e_score_correction_bias.float()
+            group_scores = choice.view(scores.shape[0], cfg.n_group, -1).topk(2, dim=-1).values.sum(dim=-1)
+            idx = self.masked_to_groups(choice, group_scores).topk(self.top_k, dim=-1, sorted=False).indices
+            weight = scores.gather(1, idx)
+        if self.top_k > 1 and cfg.norm_topk_prob:
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx, weight * cfg.routed_scaling_factor
+
+    def masked_to_groups(self, scores: torch.Tensor, group_scores: torch.Tensor) -> torch.Tensor:
+        """Zero the scores outside the ``topk_group`` best expert groups (0, not -inf, as upstream)."""
+        n, groups = group_scores.shape
+        best = group_scores.topk(self.config.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        keep = keep.unsqueeze(-1).expand(n, groups, scores.shape[-1] // groups).reshape(n, -1)
+        return scores.masked_fill(~keep, 0.0)
+
+
+class DeepseekV2MoE(nn.Module):
+    """Shared experts plus the top-k routed experts, each expert run once on all of its tokens."""
+
+    def __init__(self, config: DeepseekV2Config) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(
+            DeepseekV2MLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
+        )
+        self.gate = MoEGate(config)
+        if config.n_shared_experts is not None:
+            self.shared_experts = DeepseekV2MLP(config, config.moe_intermediate_size * config.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx, weight = self.gate(x)
+        y = self.routed(x.reshape(-1, x.shape[-1]), idx, weight).view_as(x)
+        if hasattr(self, "shared_experts"):
+            y = y + self.shared_experts(x)
+        return y
+
+    def routed(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Sort the N*K (token, expert) pairs by expert and run each chosen expert on one slice."""
+        n, k = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()  # the one host sync per layer
+        tokens = x[order // k]  # (N*K, D), grouped by expert
+        outputs, start = [], 0
+        for expert, count in zip(self.experts, counts):
+            if count:
+                outputs.append(expert(tokens[start : start + count]))
+                start += count
+        expert_out = torch.empty_like(tokens)
+        expert_out[order] = torch.cat(outputs)
+        # Weighted sum over the K experts in fp32, cast back (as upstream).
+        return (expert_out.view(n, k, -1).float() * weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+
+class DeepseekV2DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DeepseekV2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = (DeepseekV2MLA if config.use_mla else DeepseekV2MHA)(config, layer_idx)
+        self.mlp = DeepseekV2MoE(config) if config.is_moe_layer(layer_idx) else DeepseekV2MLP(config)
+        self.input_layernorm = DeepseekV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DeepseekV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV2PreTrainedModel(PreTrainedModel):
+    config_class = DeepseekV2Config
+    config: DeepseekV2Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepseekV2DecoderLayer"]
+    _supports_sdpa = True
+
+
+class DeepseekV2Model(DeepseekV2PreTrainedModel):
+    def __init__(self, config: DeepseekV2Config) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DeepseekV2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = DeepseekV2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        rope_dim = config.qk_rope_head_dim if config.use_mla else config.hidden_size // config.num_attention_heads
+        self.rotary_emb = DeepseekV2RotaryEmbedding(config, rope_dim)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None and not self.training:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
+        batch, length = inputs_embeds.shape[:2]
+        if length > 1 and past + length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"The input is {past + length} tokens long but the model's context is "
+                f"{self.config.max_position_embeddings} tokens (max_position_embeddings): shorten the prompt, "
+                "use fewer or smaller images, or split the conversation."
+            )
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length, device=inputs_embeds.device).expand(batch, -1)
+        mask = causal_padding_mask(attention_mask, past, length)
+        rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
+
+        x = inputs_embeds
+        hidden_states = [x] if output_hidden_states else None
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        x = self.norm(x)
+        if hidden_states is not None:
+            hidden_states[-1] = x
+        return BaseModelOutputWithPast(
+            last_hidden_state=x,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+        )
+
+
+class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
+    """The language model with its LM head: ``language`` (alias ``language_model``) in the VL model."""
+
+    def __init__(self, config: DeepseekV2Config) -> None:
+        super().__init__(config)
+        self.model = DeepseekV2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """``logits_to_keep=n`` projects only the last n positions (generate asks for 1); 0 keeps all."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep and labels is None:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden).float()
+        loss = None
+        if labels is not None:
+            # Next-token mean cross-entropy; labels are the input ids with -100 where ignored.
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device)
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)

@@ -1,0 +1,232 @@
+"""DeepSeek-VL2: SigLIP tiles -> projector -> 2D token layout -> DeepSeekMoE language model.
+
+Each image becomes one global 384x384 view and a grid of local tiles (arXiv:2412.10302, sec. 2).
+Their projected features are laid out in 2D with a learned ``image_newline`` at the end of every
+row and a learned ``view_seperator`` between the global and local views, then scattered into the
+``<image>`` positions of the prompt's token embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration import DeepseekVLV2Config
+from .language import DeepseekV2ForCausalLM
+from .vision import MlpProjector, SiglipVisionTower
+
+
+def generation_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions as ``generate`` numbers them: counting real tokens only, so left padding is skipped."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class DeepseekVLV2PreTrainedModel(PreTrainedModel):
+    config_class = DeepseekVLV2Config
+    config: DeepseekVLV2Config
+    base_model_prefix = "deepseek_vl_v2"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block", "DeepseekV2DecoderLayer"]
+    _supports_sdpa = True
+
+
+class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
+    """The vision-language model; ``language`` (alias ``language_model``) is the generating LM."""
+
+    def __init__(self, config: DeepseekVLV2Config) -> None:
+        super().__init__(config)
+        self.vision = SiglipVisionTower(config.vision_config)
+        self.projector = MlpProjector(config.projector_config)
+        width = config.projector_config.n_embed
+        self.image_newline = nn.Parameter(torch.randn(width) / math.sqrt(width))
+        self.view_seperator = nn.Parameter(torch.randn(width) / math.sqrt(width))  # checkpoint's spelling
+        self.language = DeepseekV2ForCausalLM(config.language_config)
+        self.post_init()
+
+    @property
+    def language_model(self) -> DeepseekV2ForCausalLM:
+        return self.language
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        """Load strictly: a missing, unexpected or mis-shaped weight is an error naming it, never a random layer."""
+        want_info = kwargs.pop("output_loading_info", False)
+        kwargs["ignore_mismatched_sizes"] = True  # report mis-shaped weights below, by name, instead of a bare error
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problems = {
+            "missing": sorted(info.get("missing_keys", [])),
+            "unexpected": sorted(info.get("unexpected_keys", [])),
+            "mismatched": sorted(str(k) for k in info.get("mismatched_keys", [])),
+        }
+        if any(problems.values()):
+            lines = [f"{kind} weights ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+                     for kind, keys in problems.items() if keys]
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path} does not match the DeepSeek-VL2 architecture of "
+                f"its config.json:\n  " + "\n  ".join(lines) + "\nCheck that the folder is complete (all shards of "
+                "model.safetensors.index.json) and that config.json belongs to these weights."
+            )
+        return (model, info) if want_info else model
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language.get_input_embeddings()
+
+    def prepare_inputs_embeds(
+        self,
+        input_ids: torch.LongTensor,
+        images: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+        **unused,
+    ) -> torch.Tensor:
+        """Token embeddings with every ``<image>`` position replaced by its image feature, in order.
+
+        images: (B, max_tiles, 3, 384, 384); images_spatial_crop: (B, max_images, 2) holding
+        [tiles across, tiles down] per image, [0, 0] for padding. Extra processor keys are ignored.
+        """
+        embeds = self.get_input_embeddings()(input_ids)
+        if images is None or images_spatial_crop is None or not bool(images_spatial_crop.any()):
+            return embeds
+        if images_seq_mask is None:
+            raise ValueError("images were given without images_seq_mask: pass the processor's output unchanged")
+        crops = [[(w, h) for w, h in row if w and h] for row in images_spatial_crop.tolist()]
+        tiles = torch.cat([images[b, : sum(1 + w * h for w, h in row)] for b, row in enumerate(crops)])
+        features = self.encode_tiles(tiles)  # (tiles, h*w, D)
+        mask = images_seq_mask.bool()
+        start = 0
+        for b, row in enumerate(crops):
+            if not row:
+                continue
+            sequences = []
+            for w, h in row:
+                sequences.append(self.tile_layout(features[start : start + 1 + w * h], w, h))
+                start += 1 + w * h
+            sequence = torch.cat(sequences)
+            expected = int(mask[b].sum())
+            if sequence.shape[0] != expected:
+                raise ValueError(
+                    f"Row {b} has {expected} <image> token positions but its images need {sequence.shape[0]}: "
+                    "images_seq_mask, images_spatial_crop and input_ids must come from the same processor call."
+                )
+            embeds[b, mask[b]] = sequence.to(embeds.dtype)
+        return embeds
+
+    def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector on (tiles, 3, H, W), in the vision tower's dtype."""
+        dtype = self.vision.patch_embed.proj.weight.dtype
+        return self.projector(self.vision(tiles.to(dtype)))
+
+    def tile_layout(self, features: torch.Tensor, width_tiles: int, height_tiles: int) -> torch.Tensor:
+        """2D layout of one image: rows of the global view and of the local grid, each closed by a newline."""
+        _, hw, dim = features.shape
+        side = int(math.isqrt(hw))
+        newline = self.image_newline.to(features.dtype)
+        global_view = features[0].view(side, side, dim)
+        global_view = torch.cat([global_view, newline.expand(side, 1, dim)], dim=1).view(-1, dim)  # (h*(w+1), D)
+        local = features[1:].view(height_tiles, width_tiles, side, side, dim)
+        local = local.permute(0, 2, 1, 3, 4).reshape(height_tiles * side, width_tiles * side, dim)
+        local = torch.cat([local, newline.expand(height_tiles * side, 1, dim)], dim=1).view(-1, dim)
+        separator = self.view_seperator.to(features.dtype)[None]
+        if self.config.global_view_pos == "head":
+            return torch.cat([global_view, separator, local])
+        return torch.cat([local, separator, global_view])
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
+        sft_format: list[str] | None = None,
+        seq_lens: list[int] | torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Accepts the processor output as is (``model(**inputs)``); ``sft_format``/``seq_lens`` are ignored.
+
+        Without ``position_ids`` every row is numbered 0..T-1, as the official forward does.
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        return self.language(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            logits_to_keep=logits_to_keep,
+        )
+
+    @torch.no_grad()
+    def incremental_prefilling(
+        self,
+        input_ids: torch.LongTensor,
+        images: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        chunk_size: int = 1024,
+    ) -> tuple[torch.Tensor, Cache]:
+        """Fill the cache with all prompt tokens but the last, ``chunk_size`` at a time, to bound peak memory.
+
+        Returns ``(inputs_embeds, cache)`` for ``generate(inputs_embeds=..., input_ids=..., past_key_values=cache)``,
+        which then runs only the last prompt token. The cache stays on the model's device.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+        inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+        positions = generation_position_ids(attention_mask)
+        cache = DynamicCache()
+        for start in range(0, inputs_embeds.shape[1] - 1, chunk_size):
+            end = min(start + chunk_size, inputs_embeds.shape[1] - 1)
+            self.language.model(
+                inputs_embeds=inputs_embeds[:, start:end],
+                attention_mask=attention_mask[:, :end],
+                position_ids=positions[:, start:end],
+                cache=cache,
+                use_cache=True,
+            )
+        return inputs_embeds, cache
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        images_seq_mask: torch.Tensor | None = None,
+        images_spatial_crop: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.LongTensor:
+        """``language.generate`` on the image-filled embeddings; with ``input_ids`` the output starts with them."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("generate needs input_ids (with images) or inputs_embeds")
+            inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        for ignored in ("sft_format", "seq_lens", "labels"):
+            kwargs.pop(ignored, None)
+        return self.language.generate(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs
+        )

@@ -1,0 +1,180 @@
+"""The model against the official outputs for the three golden checkpoints (tolerances of the golden README)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from golden import VARIANTS, assert_close, model_case, official_inputs, processor_case
+
+PLAIN_CASES = ("01_single_image_grounding", "02_three_images_no_tiling", "06_text_only", "10_batch_three")
+LOGIT_TOL = dict(atol=2e-4, rtol=1e-4)
+HIDDEN_TOL = dict(atol=1e-4, rtol=1e-4)
+EMBED_TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+def generation_kwargs(max_new_tokens: int = 12) -> dict:
+    return dict(pad_token_id=1, bos_token_id=0, eos_token_id=1, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", PLAIN_CASES)
+def test_inputs_embeds(load_model, variant: str, case: str) -> None:
+    model = load_model(variant)
+    with torch.no_grad():
+        embeds = model.prepare_inputs_embeds(**official_inputs(case))
+    assert_close(embeds, model_case(variant, case)[1]["inputs_embeds"], **EMBED_TOL, name="inputs_embeds")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_vision_and_projector(load_model, variant: str) -> None:
+    model = load_model(variant)
+    expected = model_case(variant, "01_single_image_grounding")[1]
+    with torch.no_grad():
+        features = model.vision(official_inputs("01_single_image_grounding")["images"][0, :1])
+        assert_close(features, expected["vision_tile0"], **EMBED_TOL, name="vision_tile0")
+        assert_close(model.projector(expected["vision_tile0"]), expected["projector_tile0"], **EMBED_TOL, name="projector")
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", PLAIN_CASES)
+def test_prefill_logits(load_model, variant: str, case: str, attn_implementation: str) -> None:
+    """Full forward without position_ids (rows numbered 0..T-1, as the official forward does)."""
+    model = load_model(variant, attn_implementation)
+    expected = model_case(variant, case)[1]
+    inputs = official_inputs(case)
+    with torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits
+    assert_close(logits[:, -1], expected["prefill_last_logits"], **LOGIT_TOL, name="last logits")
+    real = inputs["attention_mask"].bool()
+    top2 = logits.topk(2, dim=-1).values
+    assert_close(top2[..., 0][real], expected["prefill_max"][real], **LOGIT_TOL, name="prefill_max")
+    assert_close(logits.logsumexp(-1)[real], expected["prefill_logsumexp"][real], **LOGIT_TOL, name="logsumexp")
+    clear = real & (expected["prefill_top1_top2_gap"] > 1e-3)
+    assert torch.equal(logits.argmax(-1)[clear], expected["prefill_argmax"][clear])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hidden_states(load_model, variant: str) -> None:
+    model = load_model(variant)
+    expected = model_case(variant, "01_single_image_grounding")[1]["hidden_states"]
+    with torch.no_grad():
+        out = model(**official_inputs("01_single_image_grounding"), output_hidden_states=True, use_cache=False)
+    assert len(out.hidden_states) == expected.shape[0]
+    for i, (actual, reference) in enumerate(zip(out.hidden_states, expected)):
+        assert_close(actual, reference, **HIDDEN_TOL, name=f"hidden_states[{i}]")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("where", ["router_l1", "router_l1_last16"])
+def test_router_and_moe(load_model, variant: str, where: str) -> None:
+    model = load_model(variant)
+    info, expected = model_case(variant, "01_single_image_grounding")
+    moe = model.language.model.layers[1].mlp
+    x = expected[f"{where}_input"]
+    with torch.no_grad():
+        idx, weight = moe.gate(x)
+        order = idx.argsort(dim=-1)
+        assert torch.equal(idx.gather(1, order), expected[f"{where}_topk_idx"])
+        assert idx.tolist() != [] and torch.equal(expected[f"{where}_topk_idx"], torch.tensor(info[f"{where}_topk_idx"]))
+        assert_close(weight.gather(1, order), expected[f"{where}_topk_weight"], **HIDDEN_TOL, name="router weights")
+        output_name = "moe_l1_output" if where == "router_l1" else "moe_l1_last16_output"
+        assert_close(moe(x), expected[output_name], **HIDDEN_TOL, name="moe output")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", PLAIN_CASES)
+def test_greedy_generation(load_model, variant: str, case: str) -> None:
+    """The model card's call: language_model.generate on the prepared embeddings."""
+    model = load_model(variant)
+    expected = model_case(variant, case)[1]["generated_ids"]
+    inputs = official_inputs(case)
+    with torch.no_grad():
+        embeds = model.prepare_inputs_embeds(**inputs)
+        out = model.language_model.generate(
+            inputs_embeds=embeds, attention_mask=inputs["attention_mask"], **generation_kwargs()
+        )
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", PLAIN_CASES)
+def test_teacher_forced_logits(load_model, variant: str, case: str) -> None:
+    """One no-cache forward over prompt + generated tokens, positions as generate numbers them."""
+    model = load_model(variant)
+    expected = model_case(variant, case)[1]
+    inputs = official_inputs(case)
+    generated = expected["generated_ids"]
+    with torch.no_grad():
+        embeds = model.prepare_inputs_embeds(**inputs)
+        embeds = torch.cat([embeds, model.get_input_embeddings()(generated)], dim=1)
+        mask = torch.cat([inputs["attention_mask"].long(), torch.ones_like(generated)], dim=1)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        logits = model.language(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    prompt_length = inputs["input_ids"].shape[1]
+    steps = logits[:, prompt_length - 1 : -1]  # (B, 12, V)
+    top10 = steps.topk(10, dim=-1)
+    assert_close(top10.values, expected["tf_top10_values"], **LOGIT_TOL, name="top10 values")
+    assert_close(steps.logsumexp(-1), expected["tf_logsumexp"], **LOGIT_TOL, name="logsumexp")
+    assert torch.equal(top10.indices[..., 0], expected["tf_top10_ids"][..., 0])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("chunk_size", [128, 1000, 5000])
+def test_incremental_prefilling(load_model, variant: str, chunk_size: int) -> None:
+    """The official README path: chunked prefill, then model.generate continuing from the cache."""
+    model = load_model(variant)
+    case = "01_single_image_grounding"
+    inputs = official_inputs(case)
+    with torch.no_grad():
+        embeds, cache = model.incremental_prefilling(**inputs, chunk_size=chunk_size)
+        assert cache.get_seq_length() == inputs["input_ids"].shape[1] - 1
+        out = model.generate(inputs_embeds=embeds, **inputs, past_key_values=cache, **generation_kwargs())
+    prompt_length = inputs["input_ids"].shape[1]
+    assert torch.equal(out[:, :prompt_length], inputs["input_ids"])
+    assert torch.equal(out[:, prompt_length:], model_case(variant, case)[1]["incremental_generated_ids"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_incremental_prefilling_left_padded_batch(load_model, variant: str) -> None:
+    """Unlike the official code, chunked prefill of a left-padded batch gives the unchunked tokens."""
+    model = load_model(variant)
+    inputs = official_inputs("10_batch_three")
+    with torch.no_grad():
+        embeds, cache = model.incremental_prefilling(**inputs, chunk_size=500)
+        out = model.generate(inputs_embeds=embeds, **inputs, past_key_values=cache, **generation_kwargs())
+    expected = model_case(variant, "10_batch_three")[1]["generated_ids"]
+    assert torch.equal(out[:, inputs["input_ids"].shape[1] :], expected)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_loss(load_model, variant: str) -> None:
+    model = load_model(variant)
+    info, expected = model_case(variant, "08_training_mode")
+    _, tensors = processor_case("08_training_mode")
+    inputs = official_inputs("08_training_mode")
+    with torch.no_grad():
+        loss = model(**inputs, labels=tensors["labels"], use_cache=False).loss
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - expected["loss"].item()) <= 1e-4
+    # The train-mode (MoE training) path gives the same loss; the official Base router cannot run it at all.
+    model.train()
+    try:
+        with torch.no_grad():
+            train_loss = model(**inputs, labels=tensors["labels"], use_cache=False).loss
+    finally:
+        model.eval()
+    reference = expected.get("loss_train_mode", expected["loss"]).item()
+    assert abs(train_loss.item() - reference) <= 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_processor_output_goes_straight_to_forward(load_model, variant: str) -> None:
+    """model(**inputs) with the extra processor keys and an int64 images_seq_mask (the official batchify dtype)."""
+    model = load_model(variant)
+    inputs = official_inputs("10_batch_three")
+    inputs["images_seq_mask"] = inputs["images_seq_mask"].long()
+    with torch.no_grad():
+        logits = model(**inputs, sft_format=["a", "b", "c"], seq_lens=[1, 2, 3], use_cache=False).logits
+    assert_close(logits[:, -1], model_case(variant, "10_batch_three")[1]["prefill_last_logits"], **LOGIT_TOL)
