@@ -178,3 +178,31 @@ def test_processor_output_goes_straight_to_forward(load_model, variant: str) -> 
     with torch.no_grad():
         logits = model(**inputs, sft_format=["a", "b", "c"], seq_lens=[1, 2, 3], use_cache=False).logits
     assert_close(logits[:, -1], model_case(variant, "10_batch_three")[1]["prefill_last_logits"], **LOGIT_TOL)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_grouped_moe_equals_reference_path(load_model, variant: str) -> None:
+    """The grouped expert dispatch gives the straightforward per-expert path's output, also in training mode."""
+    moe = load_model(variant).language.model.layers[2].mlp
+    x = torch.randn(3, 40, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = moe(x)
+        moe.reference = True
+        try:
+            slow = moe(x)
+        finally:
+            moe.reference = False
+    assert_close(fast, slow, atol=1e-6, rtol=1e-6, name="moe")
+
+
+def test_vision_tile_batches_do_not_change_features(load_model) -> None:
+    model = load_model("tiny")
+    images = official_inputs("01_single_image_grounding")["images"][0, :7]
+    with torch.no_grad():
+        whole = model.encode_tiles(images)
+        model.vision_batch_size = 3
+        try:
+            split = model.encode_tiles(images)
+        finally:
+            del model.vision_batch_size
+    assert_close(split, whole, atol=1e-6, rtol=1e-5, name="tile batches")

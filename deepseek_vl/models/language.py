@@ -196,6 +196,13 @@ class DeepseekV2MHA(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
+def per_head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, i) @ (H, i, o) -> (B, H, T, o) as one batched matmul over heads, without copying the weight per row."""
+    b, h, t, _ = x.shape
+    out = torch.bmm(x.transpose(0, 1).reshape(h, b * t, -1), weight)  # (H, B*T, o)
+    return out.view(h, b, t, -1).transpose(0, 1)
+
+
 class DeepseekV2MLA(nn.Module):
     """Multi-head Latent Attention: keys and values are decompressed from a cached latent of R numbers.
 
@@ -261,14 +268,14 @@ class DeepseekV2MLA(nn.Module):
         """Attention in the latent space: O(S*R) per query instead of decompressing S keys per head."""
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, R), (H, v, R)
-        q_latent = torch.matmul(q_nope, w_k)  # (B, H, T, R)
+        q_latent = per_head_matmul(q_nope, w_k)  # (B, H, T, R)
         scores = (torch.matmul(q_pe, k_pe.mT) + torch.matmul(q_latent, latent.mT)) * self.scale  # (B, H, T, S)
         if mask is None and q_nope.shape[-2] > 1:
             mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
         if mask is not None:
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
-        return torch.matmul(torch.matmul(probs, latent), w_v.mT)  # (B, H, T, R) -> (B, H, T, v)
+        return per_head_matmul(torch.matmul(probs, latent), w_v.mT)  # (B, H, T, R) -> (B, H, T, v)
 
     def decompressed_attention(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor | None
@@ -337,10 +344,15 @@ class MoEGate(nn.Module):
 
 
 class DeepseekV2MoE(nn.Module):
-    """Shared experts plus the top-k routed experts, each expert run once on all of its tokens."""
+    """Shared experts plus the top-k routed experts, each expert run once on all of its tokens.
+
+    ``reference = True`` switches to the straightforward path (every expert over a boolean mask of
+    the token copies), kept to check and benchmark the grouped one against.
+    """
 
     def __init__(self, config: DeepseekV2Config) -> None:
         super().__init__()
+        self.reference = False
         self.experts = nn.ModuleList(
             DeepseekV2MLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
         )
@@ -350,7 +362,8 @@ class DeepseekV2MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, weight = self.gate(x)
-        y = self.routed(x.reshape(-1, x.shape[-1]), idx, weight).view_as(x)
+        routed = self.routed_reference if self.reference else self.routed
+        y = routed(x.reshape(-1, x.shape[-1]), idx, weight).view_as(x)
         if hasattr(self, "shared_experts"):
             y = y + self.shared_experts(x)
         return y
@@ -370,6 +383,16 @@ class DeepseekV2MoE(nn.Module):
         expert_out = torch.empty_like(tokens)
         expert_out[order] = torch.cat(outputs)
         # Weighted sum over the K experts in fp32, cast back (as upstream).
+        return (expert_out.view(n, k, -1).float() * weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+
+    def routed_reference(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        n, k = idx.shape
+        copies = x.repeat_interleave(k, dim=0)  # (N*K, D), copy j*K+i goes to expert idx[j, i]
+        flat = idx.flatten()
+        expert_out = torch.zeros_like(copies)
+        for e, expert in enumerate(self.experts):
+            chosen = flat == e
+            expert_out[chosen] = expert(copies[chosen])
         return (expert_out.view(n, k, -1).float() * weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
 

@@ -39,6 +39,9 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
 class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
     """The vision-language model; ``language`` (alias ``language_model``) is the generating LM."""
 
+    # Tiles encoded per vision pass: all tiles of a batch go through together, up to this bound.
+    vision_batch_size = 32
+
     def __init__(self, config: DeepseekVLV2Config) -> None:
         super().__init__(config)
         self.vision = SiglipVisionTower(config.vision_config)
@@ -118,9 +121,10 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
         return embeds
 
     def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
-        """Vision tower + projector on (tiles, 3, H, W), in the vision tower's dtype."""
+        """Vision tower + projector on (tiles, 3, H, W), ``vision_batch_size`` tiles per pass to cap memory."""
         dtype = self.vision.patch_embed.proj.weight.dtype
-        return self.projector(self.vision(tiles.to(dtype)))
+        batches = tiles.split(self.vision_batch_size)
+        return torch.cat([self.projector(self.vision(batch.to(dtype))) for batch in batches])
 
     def tile_layout(self, features: torch.Tensor, width_tiles: int, height_tiles: int) -> torch.Tensor:
         """2D layout of one image: rows of the global view and of the local grid, each closed by a newline."""
