@@ -195,14 +195,11 @@ def test_grouped_moe_equals_reference_path(load_model, variant: str) -> None:
     assert_close(fast, slow, atol=1e-6, rtol=1e-6, name="moe")
 
 
-def test_vision_tile_batches_do_not_change_features(load_model) -> None:
+def test_vision_tile_batches_do_not_change_features(load_model, monkeypatch) -> None:
     model = load_model("tiny")
     images = official_inputs("01_single_image_grounding")["images"][0, :7]
     with torch.no_grad():
         whole = model.encode_tiles(images)
-        model.vision_batch_size = 3
-        try:
-            split = model.encode_tiles(images)
-        finally:
-            del model.vision_batch_size
+        monkeypatch.setattr(model, "vision_batch_size", 3)
+        split = model.encode_tiles(images)
     assert_close(split, whole, atol=1e-6, rtol=1e-5, name="tile batches")

@@ -1,0 +1,78 @@
+"""The fast inference paths keep the official outputs: latent MLA cache, both MLA forms, logits_to_keep, expert dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepseek_vl.models.language import DeepseekV2MLA, DeepseekV2MoE
+from golden import assert_close, model_case, official_inputs
+
+CASE = "01_single_image_grounding"
+
+
+@pytest.mark.parametrize("variant", ["small", "base"])
+def test_mla_cache_holds_only_the_latent(load_model, variant: str) -> None:
+    model = load_model(variant)
+    config = model.config.language_config
+    inputs = official_inputs(CASE)
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).cache
+    length = inputs["input_ids"].shape[1]
+    for layer in cache.layers:
+        assert layer.keys.shape == (1, 1, length, config.qk_rope_head_dim)  # shared rope key
+        assert layer.values.shape == (1, 1, length, config.kv_lora_rank)  # normalised latent
+    per_token_layer = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values)) / length
+    assert per_token_layer == (config.kv_lora_rank + config.qk_rope_head_dim) * 4
+
+
+@pytest.mark.parametrize("variant", ["small", "base"])
+@pytest.mark.parametrize("absorbed_max_queries", [0, 100_000])
+def test_both_mla_forms_reproduce_official_generation(
+    load_model, monkeypatch, variant: str, absorbed_max_queries: int
+) -> None:
+    """0: decode also decompresses keys/values; 100000: prefill also attends in the latent space."""
+    model = load_model(variant)
+    inputs = official_inputs(CASE)
+    monkeypatch.setattr(DeepseekV2MLA, "absorbed_max_queries", absorbed_max_queries)
+    with torch.no_grad():
+        embeds = model.prepare_inputs_embeds(**inputs)
+        out = model.language.generate(
+            inputs_embeds=embeds, attention_mask=inputs["attention_mask"], pad_token_id=1, bos_token_id=0,
+            eos_token_id=1, max_new_tokens=12, do_sample=False,
+        )  # fmt: skip
+        last = model.language(inputs_embeds=embeds, use_cache=False, logits_to_keep=1).logits
+    expected = model_case(variant, CASE)[1]
+    assert torch.equal(out, expected["generated_ids"])
+    assert_close(last[:, -1], expected["prefill_last_logits"], atol=2e-4, rtol=1e-4, name="last logits")
+
+
+def test_logits_to_keep_projects_only_the_last_positions(load_model) -> None:
+    model = load_model("tiny")
+    ids = torch.tensor([[0, 19923, 14, 2058, 3, 128821]])
+    with torch.no_grad():
+        full = model.language(input_ids=ids, use_cache=False).logits
+        last = model.language(input_ids=ids, use_cache=False, logits_to_keep=2).logits
+    assert last.shape == (1, 2, full.shape[-1])
+    assert torch.equal(last, full[:, -2:])
+
+
+@pytest.mark.parametrize("variant", ["tiny", "base"])
+def test_decode_runs_only_the_chosen_experts(load_model, variant: str) -> None:
+    """A batch-1 decode step touches the weights of exactly the experts its token chose."""
+    model = load_model(variant)
+    moe = next(m for m in model.language.modules() if isinstance(m, DeepseekV2MoE))
+    calls: list[int] = []
+    hooks = [e.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, e in enumerate(moe.experts)]
+    chosen: list[torch.Tensor] = []
+    hooks.append(moe.gate.register_forward_hook(lambda m, a, o: chosen.append(o[0])))
+    try:
+        with torch.no_grad():
+            out = model.language(input_ids=torch.tensor([[0, 19923, 14]]), use_cache=True)
+            calls.clear(), chosen.clear()
+            model.language(input_ids=torch.tensor([[2058]]), cache=out.cache, use_cache=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sorted(calls) == sorted(chosen[0].flatten().tolist())
+    assert len(calls) == model.config.language_config.num_experts_per_tok
