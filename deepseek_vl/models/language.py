@@ -116,7 +116,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 
 
 def causal_padding_mask(
-    attention_mask: torch.Tensor | None, past_length: int, query_length: int
+    attention_mask: torch.Tensor | None, past_length: int, query_length: int, device: torch.device
 ) -> torch.Tensor | None:
     """Boolean (B, 1, T, S) mask, True where a query may attend; None for a plain causal batch.
 
@@ -127,7 +127,6 @@ def causal_padding_mask(
         attention_mask = None
     if attention_mask is None and (query_length == 1 or past_length == 0):
         return None
-    device = attention_mask.device if attention_mask is not None else None
     total = past_length + query_length
     key_pos = torch.arange(total, device=device)
     query_pos = torch.arange(past_length, total, device=device)[:, None]
@@ -468,7 +467,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
             )
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=inputs_embeds.device).expand(batch, -1)
-        mask = causal_padding_mask(attention_mask, past, length)
+        mask = causal_padding_mask(attention_mask, past, length, inputs_embeds.device)
         rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
 
         x = inputs_embeds

@@ -1,0 +1,93 @@
+"""Parts of the language model that no golden checkpoint exercises: RoPE scalings, group-limited routing, sharded weights."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepseek_vl.models import DeepseekV2Config, DeepseekVLV2ForCausalLM
+from deepseek_vl.models.language import DeepseekV2ForCausalLM, DeepseekV2MLA, DeepseekV2RotaryEmbedding, MoEGate
+
+SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=2,
+             num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1,
+             num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=12,
+             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_position_embeddings=64)  # fmt: skip
+
+
+def yarn_reference(dim: int, base: float, factor: float, original: int, positions: np.ndarray) -> np.ndarray:
+    """YaRN cos table written from the paper's definitions (arXiv:2309.00071), in float64."""
+    def correction(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(correction(32)), 0), min(math.ceil(correction(1)), dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / (high - low), 0, 1)
+    theta = base ** -(np.arange(0, dim, 2) / dim)
+    inv_freq = theta / factor * ramp + theta * (1 - ramp)
+    angles = positions[:, None] * inv_freq
+    return np.cos(np.concatenate([angles, angles], axis=-1))
+
+
+def test_yarn_rope_and_softmax_scale() -> None:
+    scaling = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": 0.707,
+               "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}  # fmt: skip
+    config = DeepseekV2Config(**SMALL, rope_scaling=scaling)
+    positions = torch.arange(0, 5000, 499)[None]
+    cos, _ = DeepseekV2RotaryEmbedding(config, 64)(positions, torch.float64)
+    expected = yarn_reference(64, 10000.0, 40, 4096, positions[0].double().numpy())
+    np.testing.assert_allclose(cos[0].numpy(), expected, atol=2e-4)  # mscale / mscale_all_dim = 1 here
+    attention = DeepseekV2MLA(config, 0)
+    mscale = 0.1 * 0.707 * math.log(40) + 1
+    assert attention.scale == pytest.approx(12**-0.5 * mscale**2)
+
+
+def test_linear_and_dynamic_rope() -> None:
+    linear = DeepseekV2RotaryEmbedding(DeepseekV2Config(**SMALL, rope_scaling={"type": "linear", "factor": 4}), 8)
+    plain = DeepseekV2RotaryEmbedding(DeepseekV2Config(**SMALL), 8)
+    assert torch.allclose(linear(torch.tensor([[40]]), torch.float32)[0], plain(torch.tensor([[10]]), torch.float32)[0])
+    dynamic = DeepseekV2RotaryEmbedding(DeepseekV2Config(**SMALL, rope_scaling={"type": "dynamic", "factor": 2}), 8)
+    inside = torch.arange(64)[None]
+    assert torch.equal(dynamic(inside, torch.float32)[0], plain(inside, torch.float32)[0])
+    beyond = torch.arange(100)[None]  # past max_position_embeddings the base grows, frequencies fall
+    assert not torch.allclose(dynamic(beyond, torch.float32)[0], plain(beyond, torch.float32)[0])
+
+
+def test_unknown_rope_scaling_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="rope_scaling"):
+        DeepseekV2Config(**SMALL, rope_scaling={"type": "ntk-by-parts"})
+
+
+def test_group_limited_greedy_routes_inside_the_best_groups() -> None:
+    config = DeepseekV2Config(**{**SMALL, "n_group": 4, "topk_group": 1, "topk_method": "group_limited_greedy"})
+    gate = MoEGate(config)
+    x = torch.randn(50, 16, generator=torch.Generator().manual_seed(0))
+    idx, weight = gate(x)
+    scores = torch.softmax(x @ gate.weight.T, dim=-1)
+    best_group = scores.view(50, 4, 2).amax(-1).argmax(-1)
+    assert torch.equal(idx // 2, best_group[:, None].expand(-1, 2))
+    assert torch.allclose(weight, scores.gather(1, idx))
+
+
+def test_q_lora_attention_runs_with_cache() -> None:
+    """Layouts with q_lora_rank (DeepSeek-V2 full size) decode with the cache like a full forward."""
+    torch.manual_seed(0)
+    model = DeepseekV2ForCausalLM(DeepseekV2Config(**SMALL)).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        first = model(input_ids=ids[:, :5], use_cache=True)
+        steps = [model(input_ids=ids[:, i : i + 1], cache=first.cache, use_cache=True).logits for i in range(5, 9)]
+    assert torch.allclose(torch.cat([first.logits, *steps], dim=1), full, atol=1e-5)
+
+
+def test_sharded_checkpoint_loads(load_model, tmp_path: Path) -> None:
+    model = load_model("tiny")
+    model.save_pretrained(tmp_path, max_shard_size="2MB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    reloaded = DeepseekVLV2ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.tensor([[0, 19923, 14, 2058, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
