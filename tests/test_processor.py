@@ -276,3 +276,11 @@ LOOK = [{"role": USER, "content": "Look"}, {"role": ASSISTANT, "content": ""}]
 def test_errors(processor, kwargs, message):
     with pytest.raises(ValueError, match=message):
         processor(**kwargs)
+
+
+def test_offline_hub_id_says_how_to_pass_a_folder(tmp_path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="local folder"):
+        DeepseekVLV2Processor.from_pretrained("deepseek-ai/deepseek-vl2-tiny", cache_dir=str(tmp_path))

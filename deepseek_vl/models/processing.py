@@ -217,10 +217,15 @@ class DeepseekVLV2Processor:
             raise FileNotFoundError(f"{source!r} is neither a folder nor a Hub repo id of the form 'owner/name'.")
         else:
             from huggingface_hub import hf_hub_download
-            from huggingface_hub.errors import EntryNotFoundError
+            from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
             try:
                 config_file = hf_hub_download(source, PROCESSOR_CONFIG_NAME, **hub_kwargs)
+            except LocalEntryNotFoundError as error:
+                raise FileNotFoundError(
+                    f"Could not download {source!r} (offline or unreachable) and it is not in the local cache; "
+                    "pass a local folder holding the checkpoint instead."
+                ) from error
             except EntryNotFoundError as error:
                 raise FileNotFoundError(f"Hub repo {source!r} has no {PROCESSOR_CONFIG_NAME}.") from error
             tokenizer_source = source

@@ -1,0 +1,249 @@
+"""Gradio web demo for DeepSeek-VL2: `deepseek-vl2 demo --model ...`, then open http://127.0.0.1:7860.
+
+Upload one or more images, chat over several turns with streamed answers, tune decoding with the sliders. When an
+answer grounds phrases (`<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2]]<|/det|>`) the boxes are drawn, labelled,
+on the conversation's last image. Images stay attached to the turn they were first sent with, as in the model's
+own multi-turn format. Gradio is imported here only, never by `import deepseek_vl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local demo makes no telemetry or version-check calls
+
+import gradio as gr
+
+from deepseek_vl.grounding import draw_grounding
+from deepseek_vl.utils.io import load_image
+
+if TYPE_CHECKING:
+    from deepseek_vl.chat import ChatStream, VLChat
+
+__all__ = ["MODEL_CARD_EXAMPLES", "add_parser", "build_demo", "launch", "run"]
+
+MODEL_CARD_EXAMPLES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("visual_grounding_1.jpeg",), "<|ref|>The giraffe at the back.<|/ref|>."),
+    (("visual_grounding_1.jpeg",), "<|grounding|>Describe the animals in this image."),
+    (
+        ("multi_image_1.jpeg", "multi_image_2.jpeg", "multi_image_3.jpeg"),
+        (
+            "This is image_1: <image>\nThis is image_2: <image>\nThis is image_3: <image>\n"
+            " Can you tell me what are in the images?"
+        ),
+    ),
+    (("vqa_1.jpg",), "Describe each stage of this image in detail."),
+)
+"""(image file names of the official repo's `images/` folder, prompt); images without `<image>` tags go first."""
+
+INTRO = """# DeepSeek-VL2
+Upload images, ask a question, press **Send**. Ground objects with `<|ref|>the red car<|/ref|>` or
+`<|grounding|>Describe the image.`: the boxes are drawn on the last image. Several images need one `<image>` tag
+each where they belong in the prompt (or none: they are then placed first)."""
+
+
+def build_demo(
+    chat: VLChat,
+    *,
+    examples_dir: str | os.PathLike | None = None,
+    max_images: int = 8,
+    max_image_pixels: int = 4096 * 4096,
+) -> gr.Blocks:
+    """The demo's page around a loaded `VLChat`; `examples_dir` holds the model card's example images."""
+    active: dict[str, ChatStream] = {}  # session -> its running answer, so Stop can end it from another request
+    context = int(chat.model.config.language_config.max_position_embeddings)
+
+    def respond(
+        prompt: str,
+        gallery: list | None,
+        conversation: list[dict[str, Any]],
+        sent: list[str],
+        history: list[dict[str, Any]],
+        temperature: float,
+        top_p: float,
+        max_new_tokens: float,
+        repetition_penalty: float,
+        request: gr.Request,
+    ) -> Iterator[tuple]:
+        """Stream one answer; yields (chatbot, conversation, sent, annotated image, status, prompt box)."""
+        prompt = (prompt or "").strip()
+        paths = [item[0] if isinstance(item, (tuple, list)) else item for item in gallery or []]
+        new_paths = [p for p in paths if p not in sent]
+        if not prompt:
+            yield history, conversation, sent, gr.skip(), "Type a question first.", gr.skip()
+            return
+        already = sum(len(m.get("images", [])) for m in conversation)
+        if already + len(new_paths) > max_images:
+            problem = f"⚠️ At most {max_images} images per conversation; press Clear to start a new one."
+            yield history, conversation, sent, gr.skip(), problem, gr.skip()
+            return
+        try:
+            images = [_load_upload(p, max_image_pixels) for p in new_paths]
+        except ValueError as error:
+            gr.Warning(str(error))
+            yield history, conversation, sent, gr.skip(), f"⚠️ {error}", gr.skip()
+            return
+        turn = [*conversation, {"role": "user", "content": prompt, **({"images": images} if images else {})}]
+        options = {"temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty}
+        try:
+            room = context - chat.count_prompt_tokens(turn)
+            if room < 1:
+                raise ValueError(f"The conversation no longer fits the model's {context}-token context; press Clear.")
+            stream = chat.chat(turn, stream=True, max_new_tokens=min(int(max_new_tokens), room), **options)
+        except ValueError as error:
+            yield history, conversation, sent, gr.skip(), f"⚠️ {error}", gr.skip()
+            return
+
+        shown = [gr.Image(p, show_label=False, height=160) for p in new_paths]
+        history = [
+            *history,
+            *({"role": "user", "content": image} for image in shown),
+            {"role": "user", "content": prompt},
+        ]
+        history.append({"role": "assistant", "content": ""})
+        active[request.session_hash] = stream
+        try:
+            yield history, conversation, sent, None, "Generating...", ""
+            for piece in stream:
+                history[-1] = {"role": "assistant", "content": history[-1]["content"] + piece}
+                yield history, conversation, sent, gr.skip(), gr.skip(), gr.skip()
+        finally:
+            active.pop(request.session_hash, None)
+            if stream.result is None:
+                stream.close()
+        result = stream.result
+        conversation = [*turn, {"role": "assistant", "content": result.text}]
+        all_images = [image for message in conversation for image in message.get("images", [])]
+        status = _summary(result, turn=sum(m["role"] == "user" for m in conversation))
+        annotated = None
+        if result.grounding.boxes and all_images:
+            labels = ", ".join(dict.fromkeys(box.label or "box" for box in result.grounding.boxes))
+            annotated = gr.Image(draw_grounding(all_images[-1], result.grounding), label=f"Grounding: {labels}")
+        yield history, conversation, [*sent, *new_paths], annotated, status, gr.skip()
+
+    def stop(request: gr.Request) -> None:
+        stream = active.get(request.session_hash)
+        if stream is not None:
+            stream.close()
+
+    with gr.Blocks(title="DeepSeek-VL2", analytics_enabled=False) as demo:
+        gr.Markdown(INTRO)
+        conversation = gr.State([])  # the model's messages, images loaded
+        sent = gr.State([])  # uploads already attached to a turn
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Chat", elem_id="chatbot", height=520)
+                with gr.Row():
+                    prompt = gr.Textbox(
+                        label="Prompt",
+                        placeholder="Ask about the images...",
+                        show_label=False,
+                        elem_id="prompt",
+                        scale=5,
+                    )
+                    send = gr.Button("Send", variant="primary", elem_id="send", scale=1)
+                with gr.Row():
+                    stop_button = gr.Button("Stop", elem_id="stop")
+                    clear = gr.Button("Clear", elem_id="clear")
+                status = gr.Markdown(elem_id="status")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(
+                    label="Images", type="filepath", file_types=["image"], interactive=True, elem_id="images",
+                    columns=3, height=220, preview=False, object_fit="contain",
+                )  # fmt: skip
+                annotated = gr.Image(
+                    label="Grounding", type="pil", format="png", interactive=False, elem_id="annotated", height=320
+                )
+                with gr.Accordion("Generation", open=True):
+                    temperature = gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (when sampling)")
+                    max_new_tokens = gr.Slider(
+                        1, 2048, value=512, step=1, label="Max new tokens", elem_id="max-new-tokens"
+                    )
+                    repetition_penalty = gr.Slider(1.0, 2.0, value=1.0, step=0.05, label="Repetition penalty")
+        _examples(examples_dir, gallery, prompt)
+
+        inputs = [prompt, gallery, conversation, sent, chatbot, temperature, top_p, max_new_tokens, repetition_penalty]
+        outputs = [chatbot, conversation, sent, annotated, status, prompt]
+        send.click(respond, inputs, outputs)
+        prompt.submit(respond, inputs, outputs)
+        stop_button.click(stop, None, None, queue=False)
+        clear.click(
+            lambda: ([], [], [], None, "", None), None, [chatbot, conversation, sent, annotated, status, gallery]
+        )
+    return demo
+
+
+def _examples(examples_dir: str | os.PathLike | None, gallery: gr.Gallery, prompt: gr.Textbox) -> None:
+    """The model card's examples: with their images when `examples_dir` has them, else the prompts alone."""
+    folder = Path(examples_dir) if examples_dir else None
+    rows = [
+        [[str(folder / name) for name in names], text]
+        for names, text in MODEL_CARD_EXAMPLES
+        if folder is not None and all((folder / name).is_file() for name in names)
+    ]
+    if rows:
+        gr.Examples(rows, [gallery, prompt], label="Examples from the model card", examples_per_page=8)
+    else:
+        gr.Examples([[text] for _, text in MODEL_CARD_EXAMPLES], [prompt], label="Prompts from the model card")
+
+
+def _load_upload(path: str, max_pixels: int) -> Any:
+    """Load an uploaded image; the error names the file as the user knows it, not Gradio's temporary copy."""
+    try:
+        return load_image(path, max_pixels=max_pixels)
+    except ValueError as error:
+        name = Path(path).name
+        raise ValueError(f"Could not use the upload {name!r}: {str(error).replace(repr(path), repr(name))}") from error
+
+
+def _summary(result: Any, turn: int) -> str:
+    reasons = {"stop": "", "length": " (stopped at max new tokens)", "cancelled": " (stopped)"}
+    counts = f"Turn {turn}: {result.prompt_tokens} prompt + {result.completion_tokens} answer tokens"
+    boxes = "; ".join(f"{box.label or 'box'} {list(box.box)}" for box in result.grounding.boxes)
+    return f"{counts}{reasons.get(result.finish_reason, '')}" + (f". Boxes: {boxes}" if boxes else "")
+
+
+def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, prevent_thread_lock: bool = False) -> Any:
+    """Serve the demo: one generation at a time (one model), no share link, no server-side rendering."""
+    demo.queue(default_concurrency_limit=1)
+    return demo.launch(
+        server_name=host, server_port=port, share=False, prevent_thread_lock=prevent_thread_lock, show_error=True,
+        ssr_mode=False, max_file_size="50mb", quiet=prevent_thread_lock,
+    )  # fmt: skip
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The `demo` sub-command."""
+    from deepseek_vl.serve.cli import add_model_arguments
+
+    parser = subparsers.add_parser("demo", help="Gradio web demo (upload images, chat, see grounding boxes)")
+    parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--examples-dir", metavar="DIR",
+        help="folder with the model card's example images (the official repo's images/); without it the "
+        "examples are prompts only",
+    )  # fmt: skip
+    parser.add_argument("--max-images", type=int, default=8, help="most images per conversation (default 8)")
+    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="most pixels per image")
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model once, then serve the demo until interrupted."""
+    from deepseek_vl.serve.cli import load_chat
+
+    chat = load_chat(args)
+    demo = build_demo(
+        chat, examples_dir=args.examples_dir, max_images=args.max_images, max_image_pixels=args.max_image_pixels
+    )
+    launch(demo, host=args.host, port=args.port)
+    return 0

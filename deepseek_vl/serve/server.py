@@ -1,0 +1,478 @@
+"""OpenAI-compatible HTTP API for DeepSeek-VL2: `deepseek-vl2 serve --model ... --port 8000`.
+
+`POST /v1/chat/completions` (plain and server-sent events), `GET /v1/models`, `GET /health`. The model is loaded
+once; requests are validated and their images decoded here, then queued for the single generation thread of
+`worker.py` (first come first served, compatible waiting requests batched, disconnected clients cancelled).
+
+Every error is an OpenAI error object `{"error": {"message", "type", "param", "code"}}` so OpenAI clients raise
+their usual exceptions. FastAPI is imported here only, never by `import deepseek_vl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import inspect
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deepseek_vl.serve.worker import ClientGone, GenerationWorker, Job, WorkerClosed
+from deepseek_vl.utils.io import load_image
+
+if TYPE_CHECKING:
+    from deepseek_vl.chat import ChatResult, VLChat
+
+__all__ = ["API_KEY_ENV", "add_parser", "create_app", "run"]
+
+API_KEY_ENV = "DEEPSEEK_VL2_API_KEY"
+MiB = 1024 * 1024
+
+
+class APIError(Exception):
+    """An error answered as an OpenAI error object with this HTTP status."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict[str, Any]:
+        kind = {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
+        if self.status >= 500:
+            kind = "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _bad_request(message: str, code: str, param: str | None = None) -> APIError:
+    return APIError(400, message, code, param)
+
+
+# ----------------------------------------------------------------------------------------------- request schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Strict):
+    """The OpenAI parameters this model can honour; any other parameter is refused rather than ignored."""
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    n: int = 1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported; send several requests for several answers")
+        return n
+
+    @field_validator("frequency_penalty", "presence_penalty", "logprobs")
+    @classmethod
+    def _only_off(cls, value: float | bool, info: ValidationInfo) -> float | bool:
+        """Accepted so that clients sending their defaults work; any other value would be silently wrong."""
+        if value:
+            hint = "; use repetition_penalty" if info.field_name.endswith("penalty") else ""
+            raise ValueError(f"{info.field_name} is not supported by this server{hint}")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop: str | list[str] | None) -> list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and (len(stops) > 4 or not all(stops)):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops or None
+
+
+# ------------------------------------------------------------------------------------------------ application
+
+
+@dataclass(frozen=True)
+class _Limits:
+    max_body_bytes: int
+    max_images: int
+    max_image_pixels: int
+    allow_remote_images: bool
+    remote_image_timeout: float
+    remote_image_max_bytes: int
+    default_max_tokens: int
+
+
+def create_app(
+    chat: VLChat,
+    *,
+    model_name: str,
+    api_key: str | None = None,
+    allow_remote_images: bool = False,
+    max_body_bytes: int = 32 * MiB,
+    max_images: int = 8,
+    max_image_pixels: int = 4096 * 4096,
+    remote_image_timeout: float = 10.0,
+    remote_image_max_bytes: int = 16 * MiB,
+    default_max_tokens: int = 512,
+    batch_window_ms: float = 20.0,
+    max_batch_size: int = 8,
+) -> FastAPI:
+    """Build the API around an already loaded `VLChat`; the generation thread lives as long as the app runs."""
+    limits = _Limits(
+        max_body_bytes=max_body_bytes,
+        max_images=max_images,
+        max_image_pixels=max_image_pixels,
+        allow_remote_images=allow_remote_images,
+        remote_image_timeout=remote_image_timeout,
+        remote_image_max_bytes=remote_image_max_bytes,
+        default_max_tokens=default_max_tokens,
+    )
+    context = int(chat.model.config.language_config.max_position_embeddings)
+    worker = GenerationWorker(chat, batch_window_ms / 1000, max_batch_size)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="DeepSeek-VL2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.worker = worker
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return APIError(error.status_code, str(error.detail), code).response()
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise APIError(401, "Missing API key: send the header 'Authorization: Bearer <key>'.", "missing_api_key")
+        if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect API key provided.", "invalid_api_key")
+
+    authorized = [Depends(check_key)]
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, "busy": worker.busy, "queued": len(worker.queue)}
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(model_name)]}
+
+    @app.get("/v1/models/{name:path}", dependencies=authorized)
+    async def get_model(name: str) -> dict[str, Any]:
+        _check_model(name, model_name)
+        return _model_card(model_name)
+
+    @app.post("/v1/chat/completions", dependencies=authorized)
+    async def chat_completions(request: Request) -> Response:
+        body = await _read_body(request, limits.max_body_bytes)
+        req = _parse_request(body)
+        _check_model(req.model, model_name)
+        messages = await run_in_threadpool(_to_chat_messages, req.messages, limits)
+        max_tokens = await run_in_threadpool(_max_new_tokens, chat, req, messages, context, limits)
+        options = req.model_dump(include={"temperature", "top_p", "repetition_penalty", "stop", "seed"})
+        job = Job(messages, {**options, "max_new_tokens": max_tokens}, req.stream, asyncio.get_running_loop())
+        try:
+            worker.submit(job)
+        except WorkerClosed as error:
+            raise APIError(503, "The server is shutting down.", "server_shutting_down") from error
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        reply = _Reply(model_name, request, job, include_usage)
+        try:
+            first = await job.next_event(request.is_disconnected)
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; the job is cancelled
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+        if first[0] == "error":
+            raise _as_api_error(first[1])
+        if not req.stream:
+            return JSONResponse(reply.completion(first[1]))
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(reply.events(first), media_type="text/event-stream", headers=headers)
+
+    return app
+
+
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "deepseek-vl2"}
+
+
+def _check_model(requested: str, served: str) -> None:
+    if requested != served:
+        message = f"The model {requested!r} does not exist; this server serves {served!r}."
+        raise APIError(404, message, "model_not_found", "model")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Read at most `limit` bytes, refusing larger bodies before buffering them."""
+    message = f"Request body exceeds the limit of {limit} bytes (--max-body-bytes); send smaller or fewer images."
+    too_large = APIError(413, message, "request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_request(body: bytes) -> ChatCompletionRequest:
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _bad_request(f"The request body is not valid JSON: {error}.", "invalid_json") from error
+    try:
+        return ChatCompletionRequest.model_validate(payload)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"] if first["type"] != "extra_forbidden" else "unsupported parameter"
+        raise APIError(422, f"Invalid request: {where or 'body'}: {message}.", "invalid_request", where or None)
+
+
+def _to_chat_messages(messages: Sequence[ChatMessage], limits: _Limits) -> list[dict[str, Any]]:
+    """OpenAI messages to `VLChat` messages; text parts joined by newlines, images loaded (runs in a thread)."""
+    count = sum(isinstance(p, ImagePart) for m in messages if not isinstance(m.content, str) for p in m.content)
+    if count > limits.max_images:
+        message = f"The request has {count} images; at most {limits.max_images} are allowed."
+        raise _bad_request(message, "too_many_images", "messages")
+    converted = []
+    for index, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        parts = [message.content] if isinstance(message.content, str) else message.content
+        texts = [p if isinstance(p, str) else p.text for p in parts if not isinstance(p, ImagePart)]
+        urls = [p.image_url.url for p in parts if isinstance(p, ImagePart)]
+        param = f"messages.{index}.content"
+        if urls and role != "user":
+            raise _bad_request(f"messages[{index}]: only user messages may contain images.", "invalid_image", param)
+        images = [_load_image(url, limits, param) for url in urls]
+        converted.append({"role": role, "content": "\n".join(texts), **({"images": images} if images else {})})
+    return converted
+
+
+def _load_image(url: str, limits: _Limits, param: str) -> Any:
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    inline = "send the image inline as a base64 data URL (data:image/png;base64,...)"
+    if scheme in ("http", "https") and not limits.allow_remote_images:
+        message = f"Image URLs are disabled on this server: {inline}, or start it with --allow-remote-images."
+        raise _bad_request(message, "remote_images_disabled", param)
+    if scheme not in ("http", "https", "data"):
+        raise _bad_request(
+            f"Unsupported image_url.url {url[:40]!r}: {inline} or an http(s) URL.", "invalid_image", param
+        )
+    try:
+        timeout, max_bytes = limits.remote_image_timeout, limits.remote_image_max_bytes
+        return load_image(url, timeout=timeout, max_bytes=max_bytes, max_pixels=limits.max_image_pixels)
+    except ValueError as error:
+        raise _bad_request(str(error), "invalid_image", param) from error
+
+
+def _max_new_tokens(
+    chat: VLChat, req: ChatCompletionRequest, messages: list[dict], context: int, limits: _Limits
+) -> int:
+    """The generation budget: the requested one if prompt + budget fits the context, else a clear 400."""
+    try:
+        prompt_tokens = chat.count_prompt_tokens(messages)
+    except ValueError as error:
+        raise _bad_request(str(error), "invalid_request", "messages") from error
+    requested = req.max_completion_tokens or req.max_tokens
+    room = context - prompt_tokens
+    if room < 1 or (requested is not None and requested > room):
+        asked = f" + max_tokens {requested}" if requested is not None else ""
+        message = (
+            f"This model's maximum context length is {context} tokens; the prompt has {prompt_tokens} tokens"
+            f"{asked}. Shorten the messages or lower max_tokens."
+        )
+        raise _bad_request(message, "context_length_exceeded", "messages")
+    return requested if requested is not None else min(limits.default_max_tokens, room)
+
+
+def _as_api_error(error: BaseException) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, ValueError):
+        return _bad_request(str(error), "invalid_request")
+    return APIError(500, f"Generation failed: {type(error).__name__}: {error}", "generation_failed")
+
+
+class _Reply:
+    """Shapes one job's results as an OpenAI `chat.completion` or a stream of `chat.completion.chunk` events."""
+
+    def __init__(self, model: str, request: Request, job: Job, include_usage: bool) -> None:
+        self.model, self.request, self.job, self.include_usage = model, request, job, include_usage
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def completion(self, result: ChatResult) -> dict[str, Any]:
+        message = {"role": "assistant", "content": result.text, "grounding": result.grounding.to_dict()}
+        choice = {"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}
+        return {**self._head("chat.completion"), "choices": [choice], "usage": _usage(result)}
+
+    async def events(self, first: tuple[str, Any]) -> AsyncIterator[str]:
+        """SSE: a role chunk, content chunks, a finish chunk (with grounding), optional usage chunk, [DONE]."""
+        event = first
+        try:
+            yield self._chunk({"role": "assistant", "content": ""})
+            while event[0] == "piece":
+                if event[1]:
+                    yield self._chunk({"content": event[1]})
+                event = await self.job.next_event(self.request.is_disconnected)
+            if event[0] == "error":
+                yield _sse(_as_api_error(event[1]).body())
+            else:
+                result: ChatResult = event[1]
+                yield self._chunk({"grounding": result.grounding.to_dict()}, result.finish_reason)
+                if self.include_usage:
+                    yield _sse({**self._head("chat.completion.chunk"), "choices": [], "usage": _usage(result)})
+            yield "data: [DONE]\n\n"
+        except ClientGone:
+            return
+        finally:
+            self.job.cancelled.set()  # no-op when finished; stops generation when the client went away
+
+    def _head(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "system_fingerprint": None}
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return _sse({**self._head("chat.completion.chunk"), "choices": [choice]})
+
+
+def _usage(result: ChatResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+# -------------------------------------------------------------------------------------------------------- CLI
+
+_TUNING_HELP = {
+    "max_body_bytes": "largest request body in bytes; 413 above",
+    "max_images": "most images per request",
+    "max_image_pixels": "most pixels (width x height) per image",
+    "remote_image_timeout": "seconds allowed per image download (with --allow-remote-images)",
+    "remote_image_max_bytes": "size cap per downloaded image",
+    "default_max_tokens": "generation budget of a request that sends no max_tokens",
+    "batch_window_ms": "how long the oldest waiting request waits for others to batch with",
+    "max_batch_size": "most requests generated together",
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The `serve` sub-command; its tuning flags mirror `create_app`'s keyword arguments and defaults."""
+    from deepseek_vl.serve.cli import add_model_arguments
+
+    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP API (chat completions, streaming)")
+    parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
+    add_model_arguments(parser)
+    parser.add_argument("--model-name", help="the name clients pass as 'model' (default: the --model value)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    key_help = f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})"
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=key_help)
+    remote_help = "let image_url fetch http(s) URLs (by default only base64 data URLs are accepted)"
+    parser.add_argument("--allow-remote-images", action="store_true", help=remote_help)
+    defaults = inspect.signature(create_app).parameters
+    for name, help_text in _TUNING_HELP.items():
+        default = defaults[name].default
+        flag = "--" + name.replace("_", "-")
+        kind = type(default)
+        parser.add_argument(
+            flag, type=kind, default=default, metavar=kind.__name__.upper(), help=f"{help_text} (default {default})"
+        )
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model once, then serve until interrupted."""
+    import uvicorn
+
+    from deepseek_vl.serve.cli import load_chat
+
+    chat = load_chat(args)
+    tuning = {name: getattr(args, name) for name in _TUNING_HELP}
+    app = create_app(
+        chat,
+        model_name=args.model_name or args.model,
+        api_key=args.api_key or None,
+        allow_remote_images=args.allow_remote_images,
+        **tuning,
+    )
+    uvicorn.run(app, host=args.host, port=args.port)
+    return 0
