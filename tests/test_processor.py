@@ -284,3 +284,11 @@ def test_offline_hub_id_says_how_to_pass_a_folder(tmp_path, monkeypatch) -> None
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match="local folder"):
         DeepseekVLV2Processor.from_pretrained("deepseek-ai/deepseek-vl2-tiny", cache_dir=str(tmp_path))
+
+
+def test_tokenizer_adds_bos_like_the_official_one(processor) -> None:
+    """The golden README: encode('Hello, world!') prepends bos (add_bos_token: true); the processor never does."""
+    tokenizer = processor.tokenizer
+    assert tokenizer.encode("Hello, world!") == [0, 19923, 14, 2058, 3]
+    assert tokenizer.encode("Hello, world!", add_special_tokens=False) == [19923, 14, 2058, 3]
+    assert len(tokenizer) == 128823

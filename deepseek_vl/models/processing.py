@@ -234,6 +234,7 @@ class DeepseekVLV2Processor:
         config = {key: value for key, value in config.items() if key in _CONFIG_KEYS} | kwargs
         # The tokenizer files fully describe the tokenizer; an empty config skips reading the model's config.json.
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, config=PreTrainedConfig(), **hub_kwargs)
+        _restore_special_token_flags(tokenizer, Path(config_file).with_name("tokenizer_config.json"))
         return cls(tokenizer, **config)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -522,6 +523,16 @@ class DeepseekVLV2Processor:
             images_spatial_crop=crops,
             seq_lens=seq_lens,
         )
+
+
+def _restore_special_token_flags(tokenizer: Any, tokenizer_config: Path) -> None:
+    """transformers 5 loads the released `LlamaTokenizer` config as a plain tokenizers backend and drops its
+    `add_bos_token: true`; restore it so `tokenizer(text)` prepends bos as the official tokenizer does."""
+    if tokenizer_config.is_file():
+        settings = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+        for flag in ("add_bos_token", "add_eos_token"):
+            if flag in settings:
+                setattr(tokenizer, flag, settings[flag])
 
 
 def _check_images(images: Any) -> None:
