@@ -137,17 +137,20 @@ def causal_padding_mask(
     return (mask & keys_valid) | (key_pos == query_pos)
 
 
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention probabilities from (..., T, S) scores: softmax in fp32, cast back, as the official eager path."""
+    if mask is None and scores.shape[-2] > 1:  # plain causal batch, no cache (see causal_padding_mask)
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+
+
 def eager_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v with the softmax in fp32, as the official eager path (the reference)."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if mask is None and q.shape[-2] > 1:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)
+    """softmax(q k^T * scale) v spelled out: the official math, kept as the reference path."""
+    return torch.matmul(masked_softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, mask), v)
 
 
 def sdpa_attention(
@@ -269,12 +272,7 @@ class DeepseekV2MLA(nn.Module):
         w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, R), (H, v, R)
         q_latent = per_head_matmul(q_nope, w_k)  # (B, H, T, R)
         scores = (torch.matmul(q_pe, k_pe.mT) + torch.matmul(q_latent, latent.mT)) * self.scale  # (B, H, T, S)
-        if mask is None and q_nope.shape[-2] > 1:
-            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)
-        return per_head_matmul(torch.matmul(probs, latent), w_v.mT)  # (B, H, T, R) -> (B, H, T, v)
+        return per_head_matmul(torch.matmul(masked_softmax(scores, mask), latent), w_v.mT)  # (B,H,T,R) -> (B,H,T,v)
 
     def decompressed_attention(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor | None
@@ -381,10 +379,10 @@ class DeepseekV2MoE(nn.Module):
                 start += count
         expert_out = torch.empty_like(tokens)
         expert_out[order] = torch.cat(outputs)
-        # Weighted sum over the K experts in fp32, cast back (as upstream).
-        return (expert_out.view(n, k, -1).float() * weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        return weighted_sum(expert_out.view(n, k, -1), weight)
 
     def routed_reference(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Every expert over a boolean mask of the K copies of each token (the official training path)."""
         n, k = idx.shape
         copies = x.repeat_interleave(k, dim=0)  # (N*K, D), copy j*K+i goes to expert idx[j, i]
         flat = idx.flatten()
@@ -392,7 +390,12 @@ class DeepseekV2MoE(nn.Module):
         for e, expert in enumerate(self.experts):
             chosen = flat == e
             expert_out[chosen] = expert(copies[chosen])
-        return (expert_out.view(n, k, -1).float() * weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
+        return weighted_sum(expert_out.view(n, k, -1), weight)
+
+
+def weighted_sum(expert_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(N, K, D) expert outputs combined with the (N, K) router weights in fp32, cast back (as upstream)."""
+    return (expert_out.float() * weight.unsqueeze(-1)).sum(dim=1).to(expert_out.dtype)
 
 
 class DeepseekV2DecoderLayer(GradientCheckpointingLayer):
