@@ -177,10 +177,16 @@ def test_usage_errors_are_one_line(capsys, args: list[str], message: str) -> Non
     assert message in err and err.count("\n") == 1
 
 
-def test_extension_commands_are_optional() -> None:
-    """serve/demo/bench come from their own modules; absent modules are skipped, not errors."""
+def test_extension_commands_are_listed_and_loaded_only_when_named() -> None:
+    """serve/demo come from their own modules; `generate` must not pay for importing FastAPI and Gradio."""
     subcommands = build_parser()._subparsers._group_actions[0].choices
-    assert {"generate", "chat", "batch"} <= set(subcommands)
+    assert set(subcommands) == {"generate", "chat", "batch", "serve", "demo"}
+    probe = (
+        "import sys; from deepseek_vl.serve.cli import SUBCOMMANDS, build_parser; build_parser(['generate']); "
+        "print(sorted(m for m in ('fastapi', 'gradio') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stderr
 
 
 class Terminal:
