@@ -91,3 +91,16 @@ def test_sharded_checkpoint_loads(load_model, tmp_path: Path) -> None:
     ids = torch.tensor([[0, 19923, 14, 2058, 3]])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_vision_shape_comes_from_the_named_preset_unless_given() -> None:
+    from deepseek_vl.models import DeepseekVLV2VisionConfig
+
+    so400m = DeepseekVLV2VisionConfig(model_name="siglip_so400m_patch14_384")
+    assert (so400m.patch_size, so400m.width, so400m.layers, so400m.heads, so400m.mlp_ratio) == (14, 1152, 27, 16, 3.7362)
+    default = DeepseekVLV2VisionConfig()  # the official default model_name
+    assert (default.patch_size, default.width, default.layers) == (16, 1024, 24)
+    given = DeepseekVLV2VisionConfig(model_name="siglip_so400m_patch14_384", width=64, layers=2, heads=4)
+    assert (given.width, given.layers, given.heads, given.patch_size) == (64, 2, 4, 14)
+    with pytest.raises(ValueError, match="vision_config.patch_size is missing"):
+        DeepseekVLV2VisionConfig(model_name="my_vit")

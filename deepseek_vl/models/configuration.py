@@ -17,18 +17,30 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 PROJECTOR_TYPES = ("identity", "linear", "mlp_gelu", "downsample_mlp_gelu")
 
 
+# The official vision tower takes its shape from this table by `model_name`; a config.json key overrides it.
+SIGLIP_PRESETS = {
+    "siglip_so400m_patch14_384": dict(patch_size=14, width=1152, layers=27, heads=16, mlp_ratio=3.7362),
+    "siglip_so400m_patch14_224": dict(patch_size=14, width=1152, layers=27, heads=16, mlp_ratio=3.7362),
+    "siglip_large_patch16_384": dict(patch_size=16, width=1024, layers=24, heads=16, mlp_ratio=4),
+}
+
+
 class DeepseekVLV2VisionConfig(PreTrainedConfig):
-    """SigLIP ViT of the vision tower (timm ``vit_so400m_patch14_siglip_384`` layout)."""
+    """SigLIP ViT of the vision tower (timm ``VisionTransformer`` layout, MAP head unused).
+
+    Shape fields left out of config.json come from the preset named by ``model_name``, as the official
+    ``create_siglip_vit`` builds them; the released checkpoints spell them all out anyway.
+    """
 
     model_type = "vision"
 
-    model_name: str = "siglip_so400m_patch14_384"
+    model_name: str = "siglip_large_patch16_384"
     image_size: int = 384
-    patch_size: int = 14
-    width: int = 1024
-    layers: int = 24
-    heads: int = 16
-    mlp_ratio: float = 4.0
+    patch_size: int | None = None
+    width: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    mlp_ratio: float | None = None
     global_pool: str = "map"
     ignore_head: bool = True
     class_token: bool = False
@@ -40,8 +52,17 @@ class DeepseekVLV2VisionConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
-        if self.image_size % self.patch_size > self.patch_size:
-            raise ValueError(f"vision_config.image_size {self.image_size} and patch_size {self.patch_size} mismatch")
+        preset = SIGLIP_PRESETS.get(self.model_name, {})
+        for name in ("patch_size", "width", "layers", "heads", "mlp_ratio"):
+            if getattr(self, name) is None:
+                if name not in preset:
+                    raise ValueError(
+                        f"vision_config.{name} is missing and model_name {self.model_name!r} is not one of "
+                        f"{sorted(SIGLIP_PRESETS)}: give {name} in config.json"
+                    )
+                setattr(self, name, preset[name])
+        if self.patch_size > self.image_size:
+            raise ValueError(f"vision_config.patch_size ({self.patch_size}) exceeds image_size ({self.image_size})")
         if self.width % self.heads:
             raise ValueError(f"vision_config.width ({self.width}) must be divisible by heads ({self.heads})")
 
