@@ -104,3 +104,35 @@ def test_vision_shape_comes_from_the_named_preset_unless_given() -> None:
     assert (given.width, given.layers, given.heads, given.patch_size) == (64, 2, 4, 14)
     with pytest.raises(ValueError, match="vision_config.patch_size is missing"):
         DeepseekVLV2VisionConfig(model_name="my_vit")
+
+
+@pytest.mark.parametrize(
+    ("projector_type", "keys"),
+    [
+        ("identity", set()),
+        ("linear", {"layers.weight", "layers.bias"}),
+        ("mlp_gelu", {"layers.0.weight", "layers.0.bias", "layers.2.weight", "layers.2.bias"}),
+        ("downsample_mlp_gelu", {"layers.0.weight", "layers.0.bias", "layers.2.weight", "layers.2.bias"}),
+    ],
+)
+def test_projector_types(projector_type: str, keys: set[str]) -> None:
+    from deepseek_vl.models import DeepseekVLV2ProjectorConfig
+    from deepseek_vl.models.vision import MlpProjector
+
+    width = 8 if projector_type == "identity" else 16
+    projector = MlpProjector(DeepseekVLV2ProjectorConfig(projector_type=projector_type, input_dim=8, n_embed=width))
+    assert set(projector.state_dict()) == keys
+    tokens = 196 if projector_type == "downsample_mlp_gelu" else 729
+    assert projector(torch.randn(2, 729, 8)).shape == (2, tokens, width)
+
+
+def test_global_view_tail_puts_local_tiles_first(load_model, monkeypatch) -> None:
+    model = load_model("tiny")
+    features = torch.randn(1 + 2 * 3, 196, 16)
+    head = model.tile_layout(features, 2, 3)
+    monkeypatch.setattr(model.config, "global_view_pos", "tail")
+    tail = model.tile_layout(features, 2, 3)
+    global_tokens = 14 * 15
+    assert torch.equal(tail[-global_tokens:], head[:global_tokens])  # global view (with its newlines) last
+    assert torch.equal(tail[-global_tokens - 1], model.view_seperator.detach())
+    assert torch.equal(tail[: -global_tokens - 1], head[global_tokens + 1 :])
