@@ -174,3 +174,13 @@ def test_text_only_prompt_without_images(load_model) -> None:
         logits = model(**inputs).logits
     assert logits.shape == (1, inputs.input_ids.shape[1], model.config.language_config.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("device_map", ["cpu", "auto"])
+def test_device_map_loading(load_model, device_map: str) -> None:
+    """device_map placement (accelerate), as VLChat loads onto GPUs, gives the plainly loaded model's logits."""
+    model = DeepseekVLV2ForCausalLM.from_pretrained(TINY, device_map=device_map, dtype=torch.float32).eval()
+    ids = torch.tensor([[0, 19923, 14, 2058, 3]])
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(model.device)).logits.cpu()
+        assert torch.allclose(logits, load_model("tiny")(input_ids=ids).logits, atol=1e-5)
