@@ -1,0 +1,273 @@
+"""DeepSeek-VL2 on a cluster: a picklable predictor for Ray Data `map_batches`, and `batch --ray` on top of it.
+
+    import ray
+    from deepseek_vl.distributed import VLPredictor
+
+    ds = ray.data.read_parquet("s3://bucket/questions.parquet")      # columns: prompt (or messages), images, ...
+    answers = ds.map_batches(
+        VLPredictor, fn_constructor_kwargs={"model": "deepseek-ai/deepseek-vl2-tiny", "max_new_tokens": 64},
+        compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1, batch_size=8,  # older Ray: concurrency=4
+    )
+
+Each actor loads the model once in `__init__`; `__call__` answers a batch of rows with `VLChat.chat_batch` (so the
+greedy answers are the local `deepseek-vl2 batch` answers) and a row that fails gets an `error` instead of
+stopping the job. Ray itself is imported only by `run_ray_batch` (the `distributed` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepseek_vl.chat import ChatResult, GenerationOptions, VLChat
+from deepseek_vl.utils.io import ImageLoadError
+
+__all__ = ["RESULT_COLUMNS", "ROW_OPTIONS", "Row", "VLPredictor", "answer", "run_ray_batch"]
+
+GENERATION_KEYS = tuple(f.name for f in GenerationOptions.__dataclass_fields__.values())
+ROW_OPTIONS = (*GENERATION_KEYS, "system_prompt")
+RESULT_COLUMNS = ("text", "boxes", "prompt_tokens", "completion_tokens", "finish_reason", "error")
+ROW_KEYS = {"id", "line", "prompt", "messages", "images", "options", *ROW_OPTIONS}
+_INTEGER_OPTIONS = ("max_new_tokens", "seed", "chunk_size")
+_ROW_ERRORS = (ValueError, ImageLoadError, FileNotFoundError, RuntimeError, TypeError)
+
+
+class Row:
+    """One request: its conversation, images and options, or why it cannot be answered (`error`)."""
+
+    def __init__(self, data: dict[str, Any], defaults: dict[str, Any], base: Path | None = None) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.images: list | None = None
+        self.options: dict[str, Any] = {}
+        self.error: str | None = None
+        try:
+            self._parse(data, defaults, base)
+        except ValueError as error:
+            self.error = str(error)
+
+    def _parse(self, data: dict[str, Any], defaults: dict[str, Any], base: Path | None) -> None:
+        data = {key: value for key, value in data.items() if value is not None}
+        if unknown := sorted(set(data) - ROW_KEYS):
+            raise ValueError(f"unknown keys {unknown}; allowed: {sorted(ROW_KEYS)}")
+        if ("messages" in data) == ("prompt" in data):
+            raise ValueError('give either "messages" (a list of turns) or "prompt" (a string)')
+        if "prompt" in data and not isinstance(data["prompt"], str):
+            raise ValueError('"prompt" must be a string')
+        messages = _json_field(data, "messages", [{"role": "user", "content": data.get("prompt")}])
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError('"messages" must be a list of {"role": ..., "content": ...} objects')
+        self.messages = [m | {"images": _resolve(m["images"], base)} if m.get("images") is not None else m
+                         for m in messages]  # fmt: skip
+        self.images = _resolve(_json_field(data, "images", None), base)
+        row_options = _json_field(data, "options", {})
+        if not isinstance(row_options, dict) or (unknown := sorted(set(row_options) - set(ROW_OPTIONS))):
+            raise ValueError(f'"options" must be an object with keys among {list(ROW_OPTIONS)}')
+        given = row_options | {key: data[key] for key in ROW_OPTIONS if key in data}
+        self.options = defaults | {key: _integral(key, _python(value)) for key, value in given.items()}
+        GenerationOptions(**{key: value for key, value in self.options.items() if key in GENERATION_KEYS})
+
+    def group_key(self) -> str:
+        return json.dumps(self.options, sort_keys=True)
+
+
+def _json_field(data: dict[str, Any], key: str, default: Any) -> Any:
+    """A list or object column may hold a JSON string (convenient in Parquet and CSV)."""
+    value = data.get(key, default)
+    if isinstance(value, str) and key != "prompt":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f'"{key}" is a string but not valid JSON: {error.msg}') from error
+    return value
+
+
+def _resolve(sources: Any, base: Path | None) -> list | None:
+    """Relative image paths are relative to the request file, wherever the job runs."""
+    if sources is None:
+        return None
+    if not isinstance(sources, list):
+        raise ValueError(f'"images" must be a list, got {type(sources).__name__}')
+    if base is None:
+        return sources
+    return [
+        str(base / s) if isinstance(s, str) and ":" not in s and not Path(s).expanduser().is_absolute() else s
+        for s in sources
+    ]
+
+
+def _integral(key: str, value: Any) -> Any:
+    """An integer option read from a float column (Arrow turns an int column with nulls into floats) as an int."""
+    if key in _INTEGER_OPTIONS and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _python(value: Any) -> Any:
+    """Arrow/numpy cells as plain Python: arrays become lists, numpy scalars numbers, NaN (a null int) None."""
+    if isinstance(value, np.ndarray):
+        return [_python(v) for v in value.tolist()] if value.dtype == object else value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _python(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_python(v) for v in value]
+    return value
+
+
+def _rows(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The rows of a dict of columns (numpy arrays, lists or a pandas DataFrame's columns)."""
+    columns = {key: list(values) for key, values in batch.items()}
+    size = len(next(iter(columns.values()), []))
+    for index in range(size):
+        yield {key: _python(values[index]) for key, values in columns.items()}
+
+
+class VLPredictor:
+    """Answers batches of rows; built once per Ray actor (or process), so the model loads once.
+
+    Constructor: the model (folder or Hub id), `device`, `dtype`, `quantize` and `adapter` (as
+    `VLChat.from_pretrained`), `base_dir` for relative image paths, and default generation options
+    (`max_new_tokens=`, `temperature=`, ..., `system_prompt=`).
+
+    Columns read: `prompt` (a string) or `messages` (a list of turns, or its JSON text); `images` (paths, URLs,
+    data URLs or raw bytes, for the `<image>` tags in order, or without tags for the last user message); optional
+    per-row options (`max_new_tokens`, `temperature`, ..., `system_prompt`, or an `options` object); any other
+    column (`id`, ...) is passed through. Columns added: `text`, `boxes` (list of {label, box, pixels,
+    image_index}), `prompt_tokens`, `completion_tokens`, `finish_reason`, `error` (None when answered).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        quantize: str | None = None,
+        adapter: str | None = None,
+        base_dir: str | None = None,
+        exif_transpose: bool = False,
+        **generation: Any,
+    ) -> None:
+        self._arguments = {"model": model, "device": device, "dtype": dtype, "quantize": quantize, "adapter": adapter,
+                           "base_dir": base_dir, "exif_transpose": exif_transpose} | generation  # fmt: skip
+        if unknown := sorted(set(generation) - set(ROW_OPTIONS)):
+            raise ValueError(f"unknown generation options {unknown}; use {list(ROW_OPTIONS)}")
+        GenerationOptions(**{key: value for key, value in generation.items() if key in GENERATION_KEYS})
+        self.defaults = generation
+        self.base = Path(base_dir) if base_dir is not None else None
+        self.exif_transpose = exif_transpose
+        extras = {key: value for key, value in (("quantize", quantize), ("adapter", adapter)) if value is not None}
+        self.pipe = VLChat.from_pretrained(model, device=device, dtype=dtype, progress=False, **extras)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled as its constructor arguments: the copy loads the model itself, where it is unpickled."""
+        return self._arguments
+
+    def __setstate__(self, arguments: dict[str, Any]) -> None:
+        self.__init__(**arguments)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        records = self.answer_rows([{k: v for k, v in row.items() if k in ROW_KEYS} for row in _rows(batch)])
+        output = {key: list(values) for key, values in batch.items()}
+        for column in RESULT_COLUMNS:
+            output[column] = [record.get(column) for record in records]
+        return output
+
+    def answer_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One record per row: the `ChatResult.to_dict()` keys, or `{"error": message}`."""
+        requests = [Row(row, self.defaults, self.base) for row in rows]
+        return [
+            outcome.to_dict() if isinstance(outcome, ChatResult) else {"error": outcome}
+            for outcome in answer(self.pipe, requests, self.exif_transpose)
+        ]
+
+
+def answer(pipe: VLChat, requests: list[Row], exif_transpose: bool) -> list[ChatResult | str]:
+    """A ChatResult or an error message per request, in order; requests with equal options share a batch."""
+    outcomes: list[ChatResult | str | None] = [request.error for request in requests]
+    groups: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        if request.error is None:
+            groups.setdefault(request.group_key(), []).append(index)
+    for indices in groups.values():
+        for index, outcome in zip(indices, _answer_group(pipe, [requests[i] for i in indices], exif_transpose)):
+            outcomes[index] = outcome
+    return outcomes  # type: ignore[return-value]
+
+
+def _answer_group(pipe: VLChat, group: list[Row], exif_transpose: bool) -> list[ChatResult | str]:
+    """One batched generation; if it fails, each request alone, so one bad row only fails itself."""
+    try:
+        return pipe.chat_batch(
+            [request.messages for request in group],
+            images=[request.images for request in group],
+            exif_transpose=exif_transpose,
+            **group[0].options,
+        )
+    except _ROW_ERRORS as error:  # RuntimeError: e.g. out of memory for the whole batch
+        if len(group) == 1:
+            return [f"{type(error).__name__}: {error}"]
+        return [outcome for request in group for outcome in _answer_group(pipe, [request], exif_transpose)]
+
+
+def run_ray_batch(
+    rows: list[tuple[int, dict[str, Any]]],
+    predictor_kwargs: dict[str, Any],
+    *,
+    address: str | None = None,
+    concurrency: int = 1,
+    batch_size: int = 8,
+    num_gpus: float = 0,
+) -> Iterator[dict[str, Any]]:
+    """Answer `rows` ((line number, request) pairs) on a Ray cluster; yields one record per row, in input order.
+
+    Rows are plain JSON-able dicts; lists and objects travel as JSON text so that Arrow never has to unify
+    the shapes of different rows. `address` None starts (or joins, via RAY_ADDRESS) a local cluster.
+    """
+    try:
+        import ray
+    except ImportError as error:
+        raise RuntimeError('--ray needs Ray: pip install "deepseek-vl2[distributed]"') from error
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    encoded = [
+        {"line": line, "id": json.dumps(row.get("id")), "request": json.dumps(row, ensure_ascii=False)}
+        for line, row in rows
+    ]
+    dataset = ray.data.from_items(encoded, override_num_blocks=max(1, math.ceil(len(encoded) / batch_size)))
+    answered = dataset.map_batches(
+        _RequestPredictor,
+        fn_constructor_kwargs=predictor_kwargs,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        batch_size=batch_size,
+        num_gpus=num_gpus,
+    )
+    for record in answered.iter_rows():
+        yield {"id": json.loads(record["id"]), "line": int(record["line"])} | json.loads(record["answer"])
+
+
+class _RequestPredictor(VLPredictor):
+    """VLPredictor over rows holding the whole request as JSON text (`batch --ray`); answers go back as JSON."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled as its constructor arguments: the copy loads the model itself, where it is unpickled."""
+        return self._arguments
+
+    def __setstate__(self, arguments: dict[str, Any]) -> None:
+        self.__init__(**arguments)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        records = self.answer_rows([json.loads(text) for text in batch["request"]])
+        answers = [json.dumps(record, ensure_ascii=False) for record in records]
+        return {"line": list(batch["line"]), "id": list(batch["id"]), "answer": answers}
