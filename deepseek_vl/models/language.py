@@ -314,9 +314,16 @@ class MoEGate(nn.Module):
             self.e_score_correction_bias = nn.Parameter(torch.zeros(config.n_routed_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
+        return self.select(self.scores(x))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, E) routing scores of the tokens of x (..., D), in fp32."""
         logits = F.linear(x.reshape(-1, x.shape[-1]).float(), self.weight.float())  # (N, E), router in fp32
-        scores = logits.softmax(dim=-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+        return logits.softmax(dim=-1) if self.config.scoring_func == "softmax" else logits.sigmoid()
+
+    def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, K) chosen experts and their weights from the (N, E) scores."""
+        cfg = self.config
         if cfg.topk_method == "greedy":
             weight, idx = scores.topk(self.top_k, dim=-1, sorted=False)
         elif cfg.topk_method == "group_limited_greedy":
@@ -330,6 +337,27 @@ class MoEGate(nn.Module):
         if self.top_k > 1 and cfg.norm_topk_prob:
             weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
         return idx, weight * cfg.routed_scaling_factor
+
+    def load_balancing_loss(self, scores: torch.Tensor, idx: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Auxiliary expert-balance loss of DeepSeekMoE training (arXiv:2401.06066, sec. 3.3), times aux_loss_alpha.
+
+        Sum over experts of (load fraction x E) times (mean score), per sequence (``seq_aux``) then averaged over
+        rows, or over the whole batch. Only real tokens count (token_mask (B, T)): the official code also counts
+        the pads of a padded row, whose router inputs are padding garbage; without padding the two agree.
+        """
+        cfg = self.config
+        rows, num_experts = token_mask.shape[0], scores.shape[-1]
+        valid = token_mask.to(scores.dtype)  # (B, T)
+        picks = torch.zeros(rows, num_experts, device=scores.device, dtype=scores.dtype)
+        picks.scatter_add_(1, idx.view(rows, -1), valid.repeat_interleave(self.top_k, dim=1))  # (B, E) choices
+        score_sums = (scores.view(rows, -1, num_experts) * valid.unsqueeze(-1)).sum(dim=1)  # (B, E)
+        if cfg.seq_aux:
+            tokens = valid.sum(dim=1, keepdim=True)  # (B, 1)
+            load = picks / (tokens * self.top_k / num_experts)
+            return (load * score_sums / tokens).sum(dim=1).mean() * cfg.aux_loss_alpha
+        tokens = valid.sum()
+        load = picks.sum(dim=0) / (tokens * self.top_k) * num_experts
+        return (load * score_sums.sum(dim=0) / tokens).sum() * cfg.aux_loss_alpha
 
     def masked_to_groups(self, scores: torch.Tensor, group_scores: torch.Tensor) -> torch.Tensor:
         """Zero the scores outside the ``topk_group`` best expert groups (0, not -inf, as upstream)."""
@@ -357,7 +385,9 @@ class DeepseekV2MoE(nn.Module):
         if config.n_shared_experts is not None:
             self.shared_experts = DeepseekV2MLP(config, config.moe_intermediate_size * config.n_shared_experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            return self.train_forward(x, token_mask)
         idx, weight = self.gate(x)
         routed = self.routed_reference if self.reference else self.routed
         y = routed(x.reshape(-1, x.shape[-1]), idx, weight).view_as(x)
@@ -381,6 +411,34 @@ class DeepseekV2MoE(nn.Module):
         expert_out[order] = torch.cat(outputs)
         return weighted_sum(expert_out.view(n, k, -1), weight)
 
+    def train_forward(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """Training: every expert runs (DDP sees a gradient for each) and the balance loss adds its gradient.
+
+        x: (B, T, D); token_mask (B, T) marks real tokens (None: all). The returned value is unchanged by the
+        auxiliary loss, as in the official code: the loss reported stays the language-model loss.
+        """
+        scores = self.gate.scores(x)  # (N, E)
+        idx, weight = self.gate.select(scores)
+        y = self.routed_all_experts(x.reshape(-1, x.shape[-1]), idx, weight).view_as(x)
+        if self.gate.config.aux_loss_alpha > 0:
+            if token_mask is None:
+                token_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            y = AddAuxiliaryLoss.apply(y, self.gate.load_balancing_loss(scores, idx, token_mask))
+        if hasattr(self, "shared_experts"):
+            y = y + self.shared_experts(x)
+        return y
+
+    def routed_all_experts(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The grouped path without in-place writes; experts with no tokens run on an empty slice."""
+        n, k = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        chunks = x[order // k].split(counts)  # (N*K, D) grouped by expert
+        expert_out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+        expert_out = expert_out.index_select(0, order.argsort())  # back to (token, choice) order
+        return weighted_sum(expert_out.view(n, k, -1), weight)
+
     def routed_reference(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Every expert over a boolean mask of the K copies of each token (the official training path)."""
         n, k = idx.shape
@@ -391,6 +449,19 @@ class DeepseekV2MoE(nn.Module):
             chosen = flat == e
             expert_out[chosen] = expert(copies[chosen])
         return weighted_sum(expert_out.view(n, k, -1), weight)
+
+
+class AddAuxiliaryLoss(torch.autograd.Function):
+    """Identity on y whose backward also sends gradient 1 into an auxiliary loss, so the loss value stays the LM's."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.aux_shape, ctx.aux_dtype = aux_loss.shape, aux_loss.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad_y, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad_y.device)
 
 
 def weighted_sum(expert_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -412,9 +483,12 @@ class DeepseekV2DecoderLayer(GradientCheckpointingLayer):
         rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         cache: Cache | None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """token_mask (B, T): the real (unpadded) tokens, for the MoE balance loss in training."""
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, token_mask) if isinstance(self.mlp, DeepseekV2MoE) else self.mlp(h))
 
 
 class DeepseekV2PreTrainedModel(PreTrainedModel):
@@ -473,10 +547,13 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
         mask = causal_padding_mask(attention_mask, past, length, inputs_embeds.device)
         rope = self.rotary_emb(position_ids, inputs_embeds.dtype)
 
+        token_mask = None
+        if self.training and attention_mask is not None:
+            token_mask = attention_mask[:, -length:].bool()  # real tokens, for the MoE balance loss
         x = inputs_embeds
         hidden_states = [x] if output_hidden_states else None
         for layer in self.layers:
-            x = layer(x, rope, mask, cache)
+            x = layer(x, rope, mask, cache, token_mask)
             if hidden_states is not None:
                 hidden_states.append(x)
         x = self.norm(x)
