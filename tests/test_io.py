@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import os
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepseek_vl.utils.io import ImageLoadError, ImageNotFoundError, load_image, load_pil_images
+from deepseek_vl.utils.io import (
+    DEFAULT_MAX_PIXELS, ImageLoadError, ImageNotFoundError, RemotePolicy, image_size, load_image, load_pil_images,
+)  # fmt: skip
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (12, 16, 3), dtype=np.uint8)
@@ -172,6 +175,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     payload = b""
 
     def do_GET(self):  # noqa: N802 (http.server API)
+        if self.path.startswith("/redirect"):
+            self.send_response(302)
+            self.send_header("Location", self.path.split("?to=", 1)[1])
+            self.end_headers()
+            return
         if self.path == "/slow.png":
             time.sleep(1.0)
         if self.path == "/missing.png":
@@ -219,3 +227,73 @@ def test_http_timeout_and_errors(server):
         load_image(f"{server}/slow.png", timeout=0.2)
     with pytest.raises(ImageLoadError, match="HTTP 404"):
         load_image(f"{server}/missing.png")
+
+
+def _png_with_rows(width: int, height: int, rows: int) -> bytes:
+    """A PNG declaring width x height whose (complete, valid) zlib stream holds only `rows` rows of pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = b"".join(b"\x00" + b"\xff" * width * 3 for _ in range(rows))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixels)) + chunk(b"IEND", b"")
+
+
+def test_png_with_missing_rows_is_refused_not_blackened():
+    assert load_image(_png_with_rows(20, 200, 200)).size == (20, 200)
+    with pytest.raises(ImageLoadError, match="truncated: its pixel data stops after 5%"):
+        load_image(_png_with_rows(20, 200, 10))
+    interlaced = io.BytesIO()
+    Image.fromarray(RGB).save(interlaced, format="PNG", interlace=1)  # Pillow writes no Adam7; check it parses anyway
+    assert_pixels(load_image(interlaced.getvalue()), RGB)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_default_pixel_limit_stops_tiny_files_declaring_huge_images():
+    bomb = _png_with_rows(10000, 10000, 0)
+    assert len(bomb) < 200
+    with pytest.raises(ImageLoadError, match=f"10000x10000 = 100000000 pixels, more than max_pixels={DEFAULT_MAX_PIXELS}"):
+        load_image(bomb)
+    with pytest.raises(ImageLoadError, match="more than max_pixels"):
+        image_size(bomb)
+    assert image_size(png_bytes(Image.fromarray(RGB))) == (16, 12)
+
+
+@pytest.mark.parametrize("array", [np.zeros((0, 0, 3), np.uint8), np.zeros((0, 5), np.uint8)])
+def test_empty_images_are_refused(array):
+    with pytest.raises(ImageLoadError, match="is empty"):
+        load_image(array)
+    with pytest.raises(ImageLoadError, match="is empty"):
+        load_image(Image.new("RGB", (0, 0)))
+
+
+def test_unusable_paths_are_one_clear_error(tmp_path):
+    with pytest.raises(ImageLoadError, match="cannot be used: File name too long") as info:
+        load_image("a" * 5000)
+    assert len(str(info.value)) < 400
+    with pytest.raises(ImageNotFoundError, match="home directory is unknown"):
+        load_image("~nosuchuser_h10/x.png")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        load_image(fifo)  # never opened: opening a FIFO would block
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        load_image("/dev/null")
+
+
+def test_public_only_policy_refuses_local_addresses_and_redirects(server):
+    public = RemotePolicy(public_only=True)
+    port = server.rsplit(":", 1)[1]
+    for host in ("127.0.0.1", "localhost", "0.0.0.0", "[::1]"):
+        with pytest.raises(ImageLoadError, match="not a public address"):
+            load_image(f"http://{host}:{port}/image.png", remote=public)
+    with pytest.raises(ImageLoadError, match="not a public address"):
+        load_image(f"{server}/redirect?to=http://127.0.0.2:{port}/x.png", remote=RemotePolicy(True, ("127.0.0.1",)))
+    assert_pixels(load_image(f"{server}/image.png", remote=RemotePolicy(True, ("127.0.0.0/8",))), RGB)
+    assert_pixels(load_image(f"{server}/redirect?to={server}/image.png", remote=RemotePolicy(True, ("127.0.0.1",))), RGB)
+    for address in ("10.1.2.3", "192.168.0.1", "169.254.169.254", "224.0.0.1", "::ffff:127.0.0.1", "fe80::1"):
+        assert not public.permits("example.com", address)
+    assert public.permits("example.com", "93.184.216.34") and RemotePolicy().permits("x", "127.0.0.1")
