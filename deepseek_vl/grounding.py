@@ -12,11 +12,13 @@ Model output may be truncated or malformed, so ``parse_grounding`` never raises 
   else (points, 5 numbers, ``[]``, non-numbers, numbers outside brackets, a group cut off
   by truncation) is skipped; redundant nesting like ``[[[...]]]`` is accepted silently;
 * values outside 0..999 are clamped, non-integers rounded, swapped corners (x1 > x2 or
-  y1 > y2) put back in order;
+  y1 > y2) put back in order; a box lying entirely outside 0..999 is dropped;
 * a tag left open is closed at the next tag or at the end; a tag cut off at the very end
   (``<|/de``) is dropped; stray closing tags are ignored;
 * each ``<|ref|>`` labels only the next ``<|det|>``; a ``<|det|>`` without one gets
-  ``default_label`` (e.g. the ref of the prompt).
+  ``default_label`` (e.g. the ref of the prompt);
+* the answer text never contains a tag, not even one that removing another tag would
+  put back together (``<|de<|grounding|>t|>``).
 
 Multi-image: one parse describes one image, ``image_index`` (default 0), and pixels use
 ``image_sizes[image_index]``; parse each image's answer with its own index.
@@ -44,10 +46,12 @@ __all__ = [
 ]
 
 MAX_COORD = 999
+MAX_DRAWN_LABEL = 200  # characters of a label drawn on an image; longer ones end with an ellipsis
 Box = tuple[int, int, int, int]
 RGB = tuple[int, int, int]
 
 _TAG = re.compile(r"<\|(/?)(ref|det|grounding)\|>")
+_TAG_AT_END = re.compile(r"<\|/?(?:ref|det|grounding)\|>\Z")
 _CUT_TAG = re.compile(r"<\|/?[a-z]*\|?\Z")
 _GROUP = re.compile(r"\[([^\[\]]*)\]")
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
@@ -107,12 +111,24 @@ def parse_grounding(
         GroundingBox(label, box, None if size is None else _scale(box, *size), image_index)
         for label, box in scanner.boxes
     ]
-    return GroundingResult(boxes, "".join(scanner.text_parts).strip(), scanner.problems)
+    return GroundingResult(boxes, _without_tags("".join(scanner.text_parts)).strip(), scanner.problems)
 
 
 def strip_grounding_markup(text: str) -> str:
     """The answer as a reader should see it: tags and coordinates removed, labels kept."""
     return parse_grounding(text).text
+
+
+def _without_tags(text: str) -> str:
+    """Remove tags that form only once the tags between their pieces are gone, in one linear pass."""
+    if not _TAG.search(text):
+        return text
+    out: list[str] = []
+    for char in text:
+        out.append(char)
+        if char == ">" and (match := _TAG_AT_END.search("".join(out[-14:]))):
+            del out[len(out) - len(match.group()) :]
+    return "".join(out)
 
 
 def _selected_size(image_sizes: Sequence[tuple[int, int]] | None, index: int) -> tuple[int, int] | None:
@@ -236,6 +252,12 @@ def _parse_box(group: str, where: str, problems: list[str]) -> Box | None:
     if len(tokens) != 4:
         problems.append(f"{where}: expected 4 numbers, got {len(tokens)}; box skipped")
         return None
+    raw = [float(t) for t in tokens]
+    if min(raw[0], raw[2]) > MAX_COORD or max(raw[0], raw[2]) < 0 or min(raw[1], raw[3]) > MAX_COORD or max(
+        raw[1], raw[3]
+    ) < 0:
+        problems.append(f"{where}: box lies entirely outside 0..{MAX_COORD}; dropped")
+        return None
     x1, y1, x2, y2 = (_coordinate(t, where, problems) for t in tokens)
     if x1 > x2 or y1 > y2:
         problems.append(f"{where}: corners in wrong order; swapped")
@@ -320,6 +342,8 @@ def _pixel_rect(box: Box, w: int, h: int) -> Box:
 
 def _draw_label(draw: ImageDraw.ImageDraw, font: Any, label: str, rect: Box, color: RGB, size: tuple[int, int]) -> None:
     """Filled tag above the box, or just inside it when the box touches the top edge."""
+    if len(label) > MAX_DRAWN_LABEL:
+        label = label[: MAX_DRAWN_LABEL - 1] + "\u2026"
     left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
     pad = max(1, (bottom - top) // 5)
     tag_w, tag_h = right - left + 2 * pad, bottom - top + 2 * pad

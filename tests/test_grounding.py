@@ -281,3 +281,21 @@ def test_annotate_saves_and_reloads(tmp_path) -> None:
         assert reloaded.convert("RGB").tobytes() == out.tobytes()
     assert out.getpixel((90, 70)) == label_colors(["cat"])["cat"]
     assert annotate(image, "no boxes here").tobytes() == image.tobytes()
+
+
+def test_removed_tags_never_rebuild_markup() -> None:
+    assert strip_grounding_markup("<|de<|grounding|>t|>") == ""
+    assert strip_grounding_markup("a <|re<|de<|grounding|>t|>f|> b") == "a  b"
+    assert strip_grounding_markup("x <| y |> z") == "x <| y |> z"  # not a tag: kept as written
+
+
+def test_boxes_entirely_outside_the_range_are_dropped_and_reported() -> None:
+    result = parse_grounding("<|det|>[[1200, 1300, 1500, 1600], [-9, -9, -1, -1], [990, 10, 1500, 20]]<|/det|>")
+    assert [b.box for b in result.boxes] == [(990, 10, 999, 20)]
+    assert sum("entirely outside" in p for p in result.problems) == 2
+
+
+def test_draw_truncates_huge_labels() -> None:
+    image = Image.new("RGB", (64, 48))
+    drawn = draw_grounding(image, [GroundingBox("x" * 1_000_000, (0, 0, 500, 500))])
+    assert drawn.size == image.size and drawn.getbbox() is not None
