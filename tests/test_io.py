@@ -265,6 +265,8 @@ def test_default_pixel_limit_stops_tiny_files_declaring_huge_images():
 @pytest.mark.parametrize("array", [np.zeros((0, 0, 3), np.uint8), np.zeros((0, 5), np.uint8)])
 def test_empty_images_are_refused(array):
     with pytest.raises(ImageLoadError, match="is empty"):
+        load_image(array.astype(np.float32))
+    with pytest.raises(ImageLoadError, match="is empty"):
         load_image(array)
     with pytest.raises(ImageLoadError, match="is empty"):
         load_image(Image.new("RGB", (0, 0)))

@@ -27,8 +27,9 @@ import torch
 from PIL import Image, ImageOps
 from transformers import AutoTokenizer, PreTrainedConfig
 
+from deepseek_vl.models.chat_template import apply_chat_template
 from deepseek_vl.models.conversation import get_conv_template
-from deepseek_vl.utils.io import load_pil_images
+from deepseek_vl.utils.io import load_image, load_pil_images
 
 __all__ = [
     "BatchCollateOutput", "DeepseekVLV2Processor", "TokenizedWithImages", "VLChatProcessorOutput",
@@ -202,6 +203,8 @@ class DeepseekVLV2Processor:
         other keyword overrides the matching processor_config.json entry (e.g. `mask_prompt=True`).
         """
         hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+        for key in ("trust_remote_code", "_from_auto"):  # what AutoProcessor passes; this class is local code
+            kwargs.pop(key, None)
         source = os.fspath(pretrained_model_name_or_path)
         path = Path(source).expanduser()
         if path.is_dir():
@@ -254,6 +257,11 @@ class DeepseekVLV2Processor:
             conv.append_message(message["role"], str(message["content"]).strip())
         return conv.get_prompt().strip()
 
+    def apply_chat_template(self, conversation: Messages, **kwargs: Any) -> Any:
+        """transformers/OpenAI messages (string or `[{"type": "image"}, {"type": "text", ...}]` content) -> the
+        official prompt string; `add_generation_prompt`, `tokenize`, `system_prompt` as in chat_template.py."""
+        return apply_chat_template(self, conversation, **kwargs)
+
     def format_prompts(self, prompts: str, sft_format: str | None = None, system_prompt: str = "") -> str:
         """Wrap a raw prompt as one user turn followed by an open assistant turn."""
         conv = get_conv_template(sft_format or self.sft_format)
@@ -263,6 +271,7 @@ class DeepseekVLV2Processor:
         return conv.get_prompt().strip()
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        _check_unicode(text)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
@@ -284,7 +293,6 @@ class DeepseekVLV2Processor:
                 f"The text has {conversation.count(self.image_token)} {self.image_token} tags but {len(images)} "
                 f"images were given; put exactly one {self.image_token} where each image belongs."
             )
-        side = math.ceil((self.image_size // self.patch_size) / self.downsample_ratio)  # tokens per tile row/column
         *text_splits, last_split = conversation.split(self.image_token)
         ids, seq_mask, tiles, crops, num_image_tokens = [], [], [], [], []
         for text, image in zip(text_splits, images):
@@ -295,8 +303,7 @@ class DeepseekVLV2Processor:
             image_tiles, (num_w, num_h) = self._tile(image, cropping)
             tiles += list(image_tiles)
             crops.append([num_w, num_h])
-            # global view: side rows of (side + 1 newline); 1 view separator; local grid rows of (num_w*side + 1)
-            count = side * (side + 1) + 1 + (num_h * side) * (num_w * side + 1)
+            count = self._image_tokens(num_w, num_h)
             ids += [self.image_token_id] * count
             seq_mask += [True] * count
             num_image_tokens.append(count)
@@ -306,8 +313,23 @@ class DeepseekVLV2Processor:
         seq_mask = [False] * bos + seq_mask + [False] * (len(text_ids) + eos)
         return TokenizedWithImages(ids, tiles, seq_mask, crops, num_image_tokens)
 
+    def image_token_count(self, image_size: tuple[int, int], cropping: bool = True) -> int:
+        """Prompt tokens of one image of this (width, height), without the pixels: for budgets before decoding."""
+        size = self.image_size
+        best_w, best_h = select_best_resolution(image_size, self.candidate_resolutions) if cropping else (size, size)
+        return self._image_tokens(best_w // size, best_h // size)
+
+    def _image_tokens(self, num_w: int, num_h: int) -> int:
+        side = math.ceil((self.image_size // self.patch_size) / self.downsample_ratio)  # tokens per tile row/column
+        # global view: side rows of (side + 1 newline); 1 view separator; local grid rows of (num_w*side + 1)
+        return side * (side + 1) + 1 + (num_h * side) * (num_w * side + 1)
+
     def _tile(self, image: Image.Image, cropping: bool) -> tuple[torch.Tensor, tuple[int, int]]:
         """Return the [1 + w*h, 3, S, S] tiles of one image and its (w, h) tile grid."""
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"An image is empty ({image.width}x{image.height} pixels); pass images with pixels.")
+        if image.mode != "RGB":  # RGBA, L, P, I;16, ... as load_image converts them (16-bit scaled, not clipped)
+            image = load_image(image, max_pixels=None)
         size = self.image_size
         best_w, best_h = select_best_resolution(image.size, self.candidate_resolutions) if cropping else (size, size)
         global_view = self._to_tensor(ImageOps.pad(image, (size, size), color=self._pad_color))
@@ -533,6 +555,17 @@ def _restore_special_token_flags(tokenizer: Any, tokenizer_config: Path) -> None
         for flag in ("add_bos_token", "add_eos_token"):
             if flag in settings:
                 setattr(tokenizer, flag, settings[flag])
+
+
+def _check_unicode(text: str) -> None:
+    """The tokenizer fails with a TypeError on lone surrogates (e.g. from JSON "\\ud800"); say what is wrong."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"The text contains {text[error.start]!r} at character {error.start}, a lone surrogate that is not valid "
+            "Unicode; remove it or decode the text with errors='replace'."
+        ) from None
 
 
 def _check_images(images: Any) -> None:

@@ -272,7 +272,12 @@ def _to_rgb(image: Image.Image, name: str, exif_transpose: bool, max_pixels: int
         image = ImageOps.exif_transpose(image)
     if image.mode in _SIXTEEN_BIT_MODES:
         image = Image.fromarray(_sixteen_to_eight(np.asarray(image)))
-    return image.convert("RGB")
+    if image.mode == "La":  # premultiplied alpha: Pillow converts it to RGB only through LA
+        image = image.convert("LA")
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        raise ImageLoadError(f"Image {name} has mode {image.mode!r}, which cannot be converted to RGB.") from error
 
 
 def _sixteen_to_eight(array: np.ndarray) -> np.ndarray:
@@ -288,6 +293,8 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
             f"numpy image must be HxW, HxWx1, HxWx3 or HxWx4 (channels last), got shape {array.shape}; "
             "transpose CHW arrays with array.transpose(1, 2, 0)."
         )
+    if array.size == 0:
+        raise ImageLoadError(f"numpy image is empty (shape {array.shape}).")
     if array.dtype == np.uint8:
         pixels = array
     elif array.dtype == np.uint16:
