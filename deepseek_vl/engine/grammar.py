@@ -1,0 +1,94 @@
+"""Structured output: OpenAI ``response_format`` (json_object, json_schema) as a per-row mask on the logits.
+
+xgrammar compiles the schema once into a grammar over this tokenizer's vocabulary and gives each row a matcher
+that yields the bitmask of allowed next tokens in microseconds, with its compiled grammars cached. It is the
+structured-output backend of vLLM and SGLang, ships wheels for CPU and CUDA, and has a ``transformers`` logits
+processor, so the engine and `VLChat` (plain ``generate``) use the same grammars. Outlines is slower to compile and
+llguidance has no ``transformers`` processor. Whitespace between JSON tokens is the compact one: free whitespace
+lets a weak model pad forever instead of closing the object.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import torch
+
+__all__ = ["GrammarState", "compile_response_format", "grammar_for", "logits_processor"]
+
+_compilers: dict[int, Any] = {}
+_lock = threading.Lock()
+
+
+def _compiler(tokenizer: Any, vocab_size: int) -> Any:
+    import xgrammar as xgr
+
+    with _lock:
+        key = id(tokenizer)
+        if key not in _compilers:
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+            _compilers[key] = xgr.GrammarCompiler(info)
+        return _compilers[key]
+
+
+def compile_response_format(tokenizer: Any, vocab_size: int, response_format: dict[str, Any]) -> Any | None:
+    """The compiled grammar of a response_format, None for plain text; ValueError says what is wrong with it."""
+    if not isinstance(response_format, dict) or "type" not in response_format:
+        raise ValueError('response_format must be an object like {"type": "json_object"}')
+    kind = response_format["type"]
+    if kind == "text":
+        return None
+    compiler = _compiler(tokenizer, vocab_size)
+    if kind == "json_object":
+        return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+    if kind != "json_schema":
+        raise ValueError(f"response_format type {kind!r} is not supported; use text, json_object or json_schema")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ValueError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
+    try:
+        return compiler.compile_json_schema(json.dumps(spec["schema"]), any_whitespace=False, strict_mode=bool(spec.get("strict", True)))
+    except (RuntimeError, ValueError, TypeError) as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise ValueError(f"response_format json_schema is not a usable JSON schema: {reason}") from error
+
+
+class GrammarState:
+    """One row's matcher: masks the logits to the tokens the grammar allows, follows the tokens chosen."""
+
+    def __init__(self, compiled: Any, vocab_size: int) -> None:
+        import xgrammar as xgr
+
+        self.matcher = xgr.GrammarMatcher(compiled)
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self.vocab_size = vocab_size
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Set the logits of forbidden tokens to -inf in place ((V,) fp32)."""
+        import xgrammar as xgr
+
+        self.matcher.fill_next_token_bitmask(self.bitmask)
+        row = logits[None]
+        xgr.apply_token_bitmask_inplace(row, self.bitmask.to(logits.device), vocab_size=self.vocab_size)
+
+    def accept(self, token: int) -> None:
+        if not self.matcher.is_terminated():
+            self.matcher.accept_token(token)
+
+    def finished(self) -> bool:
+        return self.matcher.is_terminated()
+
+
+def grammar_for(tokenizer: Any, vocab_size: int, response_format: dict[str, Any]) -> GrammarState | None:
+    compiled = compile_response_format(tokenizer, vocab_size, response_format)
+    return None if compiled is None else GrammarState(compiled, vocab_size)
+
+
+def logits_processor(tokenizer: Any, vocab_size: int, response_format: dict[str, Any]) -> Any | None:
+    """A ``transformers`` logits processor enforcing the response_format in ``generate`` (one row)."""
+    import xgrammar as xgr
+
+    compiled = compile_response_format(tokenizer, vocab_size, response_format)
+    return None if compiled is None else xgr.contrib.hf.LogitsProcessor(compiled)

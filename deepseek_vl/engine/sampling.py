@@ -1,0 +1,58 @@
+"""Next tokens for a batch of rows that each have their own settings: penalty, grammar, greedy or seeded sampling.
+
+The order is the one of ``transformers`` ``generate`` for these settings (repetition penalty, then temperature,
+then top-p), so a greedy row picks the token ``generate`` picks. Every sampled row draws from its own
+``torch.Generator``: with a seed, its answer does not depend on which requests share the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from deepseek_vl.engine.sequence import Sequence
+
+__all__ = ["new_generator", "sample"]
+
+
+def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def sample(logits: torch.Tensor, rows: Seq[Sequence]) -> list[int]:
+    """One token per row of (N, V) fp32 logits (modified in place)."""
+    for index, seq in enumerate(rows):
+        if seq.options.repetition_penalty != 1.0:
+            penalise(logits[index], seq)
+        if seq.grammar is not None:
+            seq.grammar.mask(logits[index])
+    tokens = logits.argmax(dim=-1).tolist()
+    for index, seq in enumerate(rows):
+        if seq.options.temperature > 0:
+            tokens[index] = draw(logits[index], seq.options.temperature, seq.options.top_p, seq.generator)
+    return tokens
+
+
+def penalise(scores: torch.Tensor, seq: Sequence) -> None:
+    """CTRL's repetition penalty over every token seen (prompt and answer): divide positive scores, multiply negative."""
+    seen = torch.tensor(seq.prompt_ids + seq.output, device=scores.device).unique()
+    penalty = seq.options.repetition_penalty
+    picked = scores[seen]
+    scores[seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+
+
+def draw(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    scores = scores / temperature
+    if top_p < 1.0:
+        ordered, order = scores.sort()  # ascending: the tail to drop comes first
+        tail = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        tail[-1] = False  # the most likely token always stays
+        scores = scores.masked_fill(tail.scatter(0, order, tail), float("-inf"))
+    probabilities = scores.softmax(dim=-1)
+    return int(torch.multinomial(probabilities, 1, generator=generator))
