@@ -35,7 +35,7 @@ from PIL import Image, ImageOps
 
 __all__ = [
     "DEFAULT_MAX_BYTES", "DEFAULT_MAX_PIXELS", "ImageLoadError", "ImageNotFoundError", "ImageSource", "RemotePolicy",
-    "image_size", "load_image", "load_pil_images",
+    "fetch_image_bytes", "image_size", "load_image", "load_pil_images",
 ]  # fmt: skip
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray]
@@ -143,6 +143,18 @@ def load_image(
 
     path = _regular_file(text)
     return _decode(path, _short(str(path), 200), exif_transpose, max_pixels)
+
+
+def fetch_image_bytes(
+    url: str, *, timeout: float = 10.0, max_bytes: int = DEFAULT_MAX_BYTES, remote: RemotePolicy | None = None
+) -> bytes:
+    """The encoded bytes behind a data URL or an http(s) URL, not decoded: a server keeps these while a job waits."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        return _decode_data_url(url, max_bytes)
+    if scheme in ("http", "https"):
+        return _download(url, timeout, max_bytes, remote or RemotePolicy())
+    raise ImageLoadError(f"Unsupported image URL {_short(url)}; expected a data: or http(s): URL.")
 
 
 def image_size(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
