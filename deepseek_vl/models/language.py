@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .cache import InPlaceCache
 from .configuration import DeepseekV2Config
 
 
@@ -533,7 +534,7 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training:
-            cache = DynamicCache()
+            cache = InPlaceCache()
         past = cache.get_seq_length() if cache is not None else 0
         batch, length = inputs_embeds.shape[:2]
         if length > 1 and past + length > self.config.max_position_embeddings:
@@ -580,6 +581,13 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        """``generate``'s default cache is the in-place one: a ``DynamicCache`` that does not copy itself each step."""
+        prepared = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if type(model_kwargs.get("cache")) is DynamicCache:
+            model_kwargs["cache"] = InPlaceCache()
+        return prepared
 
     def forward(
         self,

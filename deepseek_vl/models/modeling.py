@@ -13,10 +13,11 @@ import os
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .cache import InPlaceCache
 from .configuration import DeepseekVLV2Config
 from .language import DeepseekV2ForCausalLM
 from .vision import MlpProjector, SiglipVisionTower
@@ -198,7 +199,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
         positions = generation_position_ids(attention_mask)
-        cache = DynamicCache()
+        cache = InPlaceCache()
         for start in range(0, inputs_embeds.shape[1] - 1, chunk_size):
             end = min(start + chunk_size, inputs_embeds.shape[1] - 1)
             self.language.model(
