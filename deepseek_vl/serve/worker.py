@@ -1,9 +1,10 @@
-"""The generation queue behind the HTTP API: one thread, first-in first-out, batching, cancellation.
+"""The generation workers behind the HTTP API: the continuous-batching engine, and the window batcher it replaced.
 
-One thread because a model runs one generation at a time on its device; more threads would only contend. Jobs
-are served in arrival order; non-streaming jobs with the same options that wait together run as one
-`VLChat.chat_batch` call (not seeded sampling, whose result must not depend on its neighbours). A job whose client went away is dropped from the queue, and when it is running alone
-its generation is stopped between two tokens (a job inside a running batch finishes with its batch).
+`EngineWorker` (the default) hands every request to `deepseek_vl.engine.Engine`: it joins the running batch at the
+next step and leaves it when it finishes or its client goes away. `GenerationWorker` (``--scheduler window``) is
+kept only to measure the engine against (benchmarks/serve_load.py): one thread serves jobs in arrival order;
+non-streaming jobs with the same options that wait together run as one `VLChat.chat_batch` call, everything else
+alone, and a finished row waits for the longest row of its batch.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import collections
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from deepseek_vl.chat import VLChat
+    from deepseek_vl.chat import ChatResult, VLChat
+    from deepseek_vl.engine.metrics import EngineMetrics
 
-__all__ = ["ClientGone", "GenerationWorker", "Job", "WorkerClosed"]
+__all__ = ["ClientGone", "EngineWorker", "GenerationWorker", "Job", "WorkerClosed"]
 
 POLL_S = 0.2  # how often a waiting request checks that its client is still connected
 
@@ -136,6 +139,13 @@ class GenerationWorker:
             return [job for job in batch if not job.cancelled.is_set()]
 
     def _run_one(self, job: Job) -> None:
+        if job.options.get("response_format") is not None:
+            job.emit("error", ValueError("response_format needs the engine scheduler (--scheduler engine)"))
+            return
+        job.options.pop("response_format", None)
+        self._run_streamed(job)
+
+    def _run_streamed(self, job: Job) -> None:
         """Streamed generation even for plain requests, so that a disconnect can stop it between tokens."""
         try:
             stream = self.chat.chat(job.messages, stream=True, **job.options)
@@ -153,6 +163,12 @@ class GenerationWorker:
             job.emit("error", error)
 
     def _run_batch(self, batch: list[Job]) -> None:
+        if any(job.options.get("response_format") is not None for job in batch):
+            for job in batch:
+                self._run_one(job)
+            return
+        for job in batch:
+            job.options.pop("response_format", None)
         try:
             results = self.chat.chat_batch([job.messages for job in batch], **batch[0].options)
         except ValueError:  # one bad conversation; run each alone so the error reaches only its sender
@@ -165,3 +181,61 @@ class GenerationWorker:
             return
         for job, result in zip(batch, results):
             job.emit("done", result)
+
+
+class EngineWorker:
+    """Every request joins the continuous batch of one `Engine`; requests are prepared (images tiled) on 2 threads."""
+
+    def __init__(
+        self,
+        chat: VLChat,
+        *,
+        max_rows: int,
+        prefill_budget: int,
+        vision_cache_bytes: int,
+        prefix_cache_bytes: int,
+        metrics: EngineMetrics | None = None,
+    ) -> None:
+        from deepseek_vl.engine import Engine
+
+        self.engine = Engine(
+            chat, max_rows=max_rows, prefill_budget=prefill_budget, vision_cache_bytes=vision_cache_bytes,
+            prefix_cache_bytes=prefix_cache_bytes, metrics=metrics,
+        )  # fmt: skip
+        self.preparing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deepseek-vl2-prepare")
+        self.closed = False
+
+    @property
+    def queue(self) -> list:
+        """The requests waiting for a row (only their number is used)."""
+        return list(self.engine.scheduler.waiting) + self.engine.incoming
+
+    @property
+    def busy(self) -> bool:
+        return self.engine.busy
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def stop(self) -> None:
+        self.closed = True
+        self.preparing.shutdown(wait=True, cancel_futures=True)
+        self.engine.stop()
+
+    def submit(self, job: Job) -> None:
+        if self.closed:
+            raise WorkerClosed("the server is shutting down")
+        self.preparing.submit(self._admit, job)
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+
+        def done(outcome: ChatResult | BaseException) -> None:
+            job.emit("error" if isinstance(outcome, BaseException) else "done", outcome)
+
+        on_piece = (lambda piece: job.emit("piece", piece)) if job.stream else None
+        try:
+            self.engine.submit(job.messages, cancel=job.cancelled, on_piece=on_piece, on_done=done, **job.options)
+        except Exception as error:  # noqa: BLE001 - a bad conversation is this request's error
+            job.emit("error", error)
