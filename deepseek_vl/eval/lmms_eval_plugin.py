@@ -1,0 +1,90 @@
+"""An lmms-eval model plugin (`pip install "deepseek-vl2[eval]"`): `lmms-eval --model deepseek_vl2 ...`.
+
+lmms-eval finds it through the `lmms_eval.models` entry point of this package (`manifest`). A request's
+arguments are (context, generation kwargs, doc_to_visual, doc id, task, split); the task's images go before the
+context, one `<image>` each, unless the context places them with its own `<image>` tags. Requests that share
+generation settings are answered together in batches of `batch_size`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmms_eval.api.model import lmms
+from PIL import Image
+
+__all__ = ["DeepseekVL2", "manifest"]
+
+
+class DeepseekVL2(lmms):
+    """model_args: pretrained=FOLDER_OR_HUB_ID, device=auto, dtype=auto, batch_size=1, max_new_tokens=..."""
+
+    def __init__(self, pretrained: str = "deepseek-ai/deepseek-vl2-tiny", device: str = "auto", dtype: str = "auto",
+                 batch_size: int | str = 1, **kwargs: Any) -> None:  # fmt: skip
+        super().__init__()
+        from deepseek_vl.chat import VLChat
+
+        self.pipe = VLChat.from_pretrained(pretrained, device=device, dtype=dtype, progress=False)
+        self.batch_size = int(batch_size)
+        self.defaults = {key: _number(value) for key, value in kwargs.items()}
+
+    def generate_until(self, requests: list[Any]) -> list[str]:
+        answers: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        prepared = []
+        for index, request in enumerate(requests):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
+            visuals = [v for v in (visuals if isinstance(visuals, list) else [visuals]) if isinstance(v, Image.Image)]
+            options = self.defaults | _options(gen_kwargs or {})
+            prepared.append(([{"role": "user", "content": context}], [v.convert("RGB") for v in visuals], options))
+            groups.setdefault(repr(sorted(options.items())), []).append(index)
+        for indices in groups.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                results = self.pipe.chat_batch(
+                    [prepared[i][0] for i in chunk], images=[prepared[i][1] for i in chunk], **prepared[chunk[0]][2]
+                )
+                for i, result in zip(chunk, results):
+                    answers[i] = result.text
+                    self.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]),
+                                                result.text)  # fmt: skip
+        return answers  # type: ignore[return-value]
+
+    def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+        raise NotImplementedError("deepseek_vl2 answers generation tasks (generate_until) only")
+
+    def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
+        raise NotImplementedError("deepseek_vl2 answers single-round generation tasks only")
+
+
+def _options(gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """lmms-eval's generation kwargs as VLChat options (sampling only when do_sample asks for it)."""
+    options: dict[str, Any] = {}
+    if "max_new_tokens" in gen_kwargs:
+        options["max_new_tokens"] = int(gen_kwargs["max_new_tokens"])
+    if gen_kwargs.get("do_sample") and gen_kwargs.get("temperature"):
+        options["temperature"] = float(gen_kwargs["temperature"])
+        options["top_p"] = float(gen_kwargs.get("top_p") or 1.0)
+    until = gen_kwargs.get("until")
+    stops = [until] if isinstance(until, str) else list(until or [])
+    if stops := [s for s in stops if s]:
+        options["stop"] = stops
+    return options
+
+
+def _number(value: Any) -> Any:
+    """model_args arrive as strings: "64" -> 64, "0.5" -> 0.5."""
+    if isinstance(value, str):
+        for convert in (int, float):
+            try:
+                return convert(value)
+            except ValueError:
+                pass
+    return value
+
+
+def manifest() -> Any:
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="deepseek_vl2", simple_class_path=f"{__name__}.DeepseekVL2")
