@@ -1,16 +1,55 @@
 """DeepSeek-VL2 for current transformers and torch.
 
-Importing the package registers the model with transformers' Auto classes, so
-``AutoConfig``/``AutoModelForCausalLM.from_pretrained`` load the official checkpoints, whose
-config.json names ``model_type: deepseek_vl_v2`` and no architectures.
+The package imports nothing heavy: the model classes load on first use (`deepseek_vl.DeepseekVLV2ForCausalLM`,
+`from deepseek_vl.models import ...`), which also registers them with transformers' Auto classes, since the
+official checkpoints' config.json names `model_type: deepseek_vl_v2` and no architectures. So that
+`import deepseek_vl` followed by `AutoModelForCausalLM.from_pretrained(...)` works too, the registration also
+runs as soon as transformers is imported (at once if it already is).
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from __future__ import annotations
 
-from .models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
-
-AutoConfig.register(DeepseekVLV2Config.model_type, DeepseekVLV2Config, exist_ok=True)
-AutoModelForCausalLM.register(DeepseekVLV2Config, DeepseekVLV2ForCausalLM, exist_ok=True)
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import Any
 
 __all__ = ["DeepseekVLV2Config", "DeepseekVLV2ForCausalLM", "DeepseekVLV2Processor"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module("deepseek_vl.models"), name)
+    raise AttributeError(f"module 'deepseek_vl' has no attribute {name!r}")
+
+
+def _register_models() -> None:
+    if "deepseek_vl.models" not in sys.modules:  # when it is, its import is under way and registers at its end
+        importlib.import_module("deepseek_vl.models")
+
+
+class _AfterTransformersImport(importlib.abc.MetaPathFinder):
+    """Registers the model with the Auto classes right after `import transformers`, wherever that happens."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            load = spec.loader.exec_module
+
+            def exec_module(module: Any) -> None:
+                load(module)
+                _register_models()
+
+            spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+if "transformers" in sys.modules:
+    _register_models()
+else:
+    sys.meta_path.insert(0, _AfterTransformersImport())

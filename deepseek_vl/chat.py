@@ -31,11 +31,11 @@ from transformers.utils import logging as hf_logging
 from deepseek_vl.grounding import GroundingResult, parse_grounding
 from deepseek_vl.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from deepseek_vl.models.processing import VLChatProcessorOutput
+from deepseek_vl.options import DEFAULT_MODEL, GenerationOptions, ModelLoadError
 from deepseek_vl.utils.io import load_image
 
 __all__ = ["DEFAULT_MODEL", "ChatResult", "ChatStream", "GenerationOptions", "ModelLoadError", "VLChat"]
 
-DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
 USER, ASSISTANT, SYSTEM = "<|User|>", "<|Assistant|>", "system"
 IMAGE_TAG = "<image>"
 BOX_MARKUP = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>")
@@ -47,10 +47,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }  # fmt: skip
-
-
-class ModelLoadError(OSError):
-    """The model could not be found or downloaded; the message says what to pass instead."""
 
 
 @dataclass
@@ -72,44 +68,6 @@ class ChatResult:
             "completion_tokens": self.completion_tokens,
             "finish_reason": self.finish_reason,
         }
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Validated decoding settings (hashable, so batch jobs can group requests that share them).
-
-    temperature 0 is greedy decoding, the model card's default; when sampling it recommends temperature <= 0.7.
-    """
-
-    max_new_tokens: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    chunk_size: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
-        _check_number("temperature", self.temperature, lambda t: 0 <= t <= 2, "in [0, 2] (0 = greedy)")
-        _check_number("top_p", self.top_p, lambda p: 0 < p <= 1, "in (0, 1]")
-        _check_number("repetition_penalty", self.repetition_penalty, lambda r: r > 0, "> 0 (1 = off)")
-        if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
-        if self.chunk_size is not None:
-            _check_int("chunk_size", self.chunk_size, minimum=1)
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        object.__setattr__(self, "stop", stop)
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.temperature > 0}
-        if self.temperature > 0:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        if self.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        return kwargs
 
 
 class VLChat:
@@ -247,6 +205,7 @@ class VLChat:
         streamer: BaseStreamer | None = None,
         cancel: threading.Event | None = None,
     ) -> list[ChatResult]:
+        self._check_context(samples, options.max_new_tokens)
         batch = self.processor.batchify(samples).to(self.device)
         prompt_length = batch.input_ids.shape[1]
         stopper = _StopCriteria(self._decode, options.stop, prompt_length, cancel)
@@ -272,6 +231,17 @@ class VLChat:
             self._result(row, stopper.stopped.get(index), len(sample.input_ids), size, options.stop, cancel)
             for index, (row, sample, size) in enumerate(zip(rows, samples, last_sizes))
         ]
+
+    def _check_context(self, samples: list[VLChatProcessorOutput], max_new_tokens: int) -> None:
+        """Refuse, as the API does, a prompt + max_new_tokens beyond the context, instead of running for minutes."""
+        context = int(self.model.config.language_config.max_position_embeddings)
+        prompt = max(len(sample.input_ids) for sample in samples)
+        if prompt + max_new_tokens > context:
+            room = f"lower max_new_tokens to {context - prompt} or less" if prompt < context else "shorten the prompt"
+            raise ValueError(
+                f"context length exceeded: the prompt has {prompt} tokens (images included) + max_new_tokens "
+                f"{max_new_tokens}, more than the model's context of {context} tokens (max_position_embeddings); {room}"
+            )
 
     def _result(
         self,
@@ -570,13 +540,3 @@ def _warnings_off() -> Iterator[None]:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_number(name: str, value: Any, valid: Callable[[float], bool], rule: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not valid(value):
-        raise ValueError(f"{name} must be a number {rule}, got {value!r}")

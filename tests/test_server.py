@@ -254,11 +254,11 @@ def test_api_key(base_url: str):
 def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch):
     import argparse
 
-    from deepseek_vl.serve.server import add_parser
+    from deepseek_vl.serve.commands import add_serve_parser
 
     monkeypatch.setenv(API_KEY_ENV, "from-env")
     parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
+    add_serve_parser(parser.add_subparsers())
     args = parser.parse_args(["serve", "--model", "m", "--max-images", "3"])
     assert (args.api_key, args.max_images, args.port, args.host) == ("from-env", 3, 8000, "127.0.0.1")
 

@@ -1,62 +1,65 @@
-"""The `deepseek-vl2` command (also `python -m deepseek_vl`): generate, chat and batch with DeepSeek-VL2.
+"""The `deepseek-vl2` command (also `python -m deepseek_vl`): generate, chat, batch, serve and demo.
 
-Sub-commands are listed in `SUBCOMMANDS` as "module:function"; the function receives the sub-parsers object,
-adds its parser and sets `handler` (args -> exit code). Modules that are not present are skipped, so `serve`,
-`demo` appear once their modules exist. They can reuse `add_model_arguments`,
-`add_generation_arguments`, `generation_options` and `load_chat` from here.
+Start-up is instant: this module and every parser-building function import nothing heavy, so `--help`,
+`--version` and argument errors answer in milliseconds; torch, transformers, FastAPI and Gradio are imported by the
+command that runs. Sub-commands are "module:function" entries of `SUBCOMMANDS`: the function adds its parser to the
+sub-parsers object and sets `handler`, a function (args -> exit status) or a "module:function" string imported only
+when the command runs. Other modules reuse `add_model_arguments`, `add_generation_arguments`,
+`generation_options` and `load_chat`.
 
-User errors (bad paths, option values, a model that cannot be found) print one line on stderr and exit with 2.
+User errors (bad paths, option values, a model that cannot be found) print one line on stderr and exit with 2;
+Ctrl-C exits with 130 after keeping what was generated.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import importlib.util
 import json
+import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image
+from deepseek_vl import __version__
+from deepseek_vl.options import DEFAULT_MODEL, GenerationOptions, ModelLoadError
 
-from deepseek_vl.chat import (
-    DEFAULT_MODEL,
-    ChatResult,
-    ChatStream,
-    GenerationOptions,
-    ModelLoadError,
-    VLChat,
-    resolve_device,
-    resolve_dtype,
-)
-from deepseek_vl.grounding import draw_grounding
-from deepseek_vl.utils.io import ImageLoadError, load_image
+if TYPE_CHECKING:
+    from deepseek_vl.chat import ChatResult, ChatStream, VLChat
 
 __all__ = [
-    "SUBCOMMANDS", "CLIError", "add_generation_arguments", "add_model_arguments", "build_parser",
+    "SUBCOMMANDS", "USER_ERRORS", "CLIError", "add_generation_arguments", "add_model_arguments", "build_parser",
     "generation_options", "load_chat", "main",
 ]  # fmt: skip
 
 SUBCOMMANDS: dict[str, str] = {
     "generate": "deepseek_vl.serve.cli:add_generate_parser",
     "chat": "deepseek_vl.serve.cli:add_chat_parser",
-    "batch": "deepseek_vl.serve.cli:add_batch_parser",
-    "serve": "deepseek_vl.serve.server:add_parser",
-    "demo": "deepseek_vl.serve.demo:add_parser",
+    "batch": "deepseek_vl.serve.batch:add_parser",
+    "serve": "deepseek_vl.serve.commands:add_serve_parser",
+    "demo": "deepseek_vl.serve.commands:add_demo_parser",
+    "eval": "deepseek_vl.eval.cli:add_parser",
+    "finetune": "deepseek_vl.train.cli:add_finetune_parser",
+    "merge": "deepseek_vl.train.cli:add_merge_parser",
 }
-USER_ERRORS = (ImageLoadError, ModelLoadError, FileNotFoundError, ValueError)
-GENERATION_KEYS = tuple(field.name for field in fields(GenerationOptions))  # also the --flags, with dashes
 
 
 class CLIError(Exception):
     """A user mistake: reported as one line on stderr, exit status 2."""
 
 
+USER_ERRORS = (CLIError, ModelLoadError, FileNotFoundError, ValueError)  # ImageLoadError is a ValueError
+GENERATION_KEYS = tuple(field.name for field in fields(GenerationOptions))  # also the --flags, with dashes
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line naming the sub-command and pointing to --help."""
+    """argparse, but a usage error is one line naming the sub-command and pointing to its --help."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -64,30 +67,61 @@ class OneLineParser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # Build only the named command's parser: `serve` and `demo` import FastAPI and Gradio, seconds of start-up.
-    command = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser([command] if command in SUBCOMMANDS else SUBCOMMANDS).parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the sub-command's parser, which lists the options that do exist
+        _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return args.handler(args)
-    except (CLIError, *USER_ERRORS) as error:
+        return _resolve(args.handler, args.command)(args)
+    except USER_ERRORS as error:
         print(f"deepseek-vl2: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(file=sys.stderr)
+        print("\ndeepseek-vl2: interrupted", file=sys.stderr)
         return 130
 
 
-def build_parser(commands: Iterable[str] = SUBCOMMANDS) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="deepseek-vl2",
         description="DeepSeek-VL2 vision-language chat: answer questions about images, find objects "
         "(visual grounding), read text (OCR), documents, tables and charts.",
         epilog="Run 'deepseek-vl2 COMMAND --help' for the options of a command.",
     )
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for name in commands:
-        _register(subparsers, name, SUBCOMMANDS[name])
+    parser.add_argument("--version", action=VersionAction, help="print the versions of this package, torch, "
+                        "transformers, Pillow and Python, then exit")
+    subparsers = parser.add_subparsers(
+        title="commands", metavar="COMMAND", dest="command", required=True, parser_class=OneLineParser
+    )
+    for name, target in SUBCOMMANDS.items():
+        _register(subparsers, name, target)
     return parser
+
+
+class VersionAction(argparse.Action):
+    """--version: one unwrapped line, computed only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(version_line())
+        parser.exit(0)
+
+
+def version_line() -> str:
+    """This package's version and the installed versions that matter in a bug report (read without importing)."""
+    installed = []
+    for package in ("torch", "transformers", "pillow"):
+        try:
+            installed.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            installed.append(f"{package} not installed")
+    return f"deepseek-vl2 {__version__} ({', '.join(installed)}, Python {sys.version.split()[0]})"
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
 
 
 def _register(subparsers: argparse._SubParsersAction, name: str, target: str) -> None:
@@ -108,6 +142,23 @@ def _register(subparsers: argparse._SubParsersAction, name: str, target: str) ->
     add_parser(subparsers)
 
 
+def _resolve(handler: Callable[[argparse.Namespace], int] | str, command: str) -> Callable[[argparse.Namespace], int]:
+    """A handler given as "module:function" is imported now; a missing optional dependency is a one-line error."""
+    if callable(handler):
+        return handler
+    module_name, _, function = handler.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), function)
+    except ModuleNotFoundError as error:
+        if error.name and error.name.partition(".")[0] == "deepseek_vl":
+            raise
+        extra = {"serve": "serve", "demo": "demo", "finetune": "train", "merge": "train"}.get(command, command)
+        raise CLIError(
+            f"the {command} command needs the package {error.name!r}: pip install -e '.[{extra}]' "
+            f"(or pip install 'deepseek-vl2[{extra}]')"
+        ) from error
+
+
 def _fail(message: str) -> int:
     raise CLIError(message)
 
@@ -115,15 +166,25 @@ def _fail(message: str) -> int:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--model", default=DEFAULT_MODEL,
+        "--model", default=DEFAULT_MODEL, metavar="MODEL",
         help="Hub repo id (deepseek-ai/deepseek-vl2-tiny, -small, deepseek-ai/deepseek-vl2) or a local checkpoint "
         "folder; a repo is downloaded once to the Hugging Face cache (default: %(default)s)",
     )  # fmt: skip
-    group.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     group.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights dtype; auto = bfloat16 on cuda, float32 on cpu (default: %(default)s)",
+        "--device", default="auto", type=_device, metavar="DEVICE",
+        help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps (default: %(default)s)",
     )  # fmt: skip
+    group.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], metavar="DTYPE",
+        help="weights dtype: auto, float32, bfloat16 or float16; auto = bfloat16 on cuda, float32 on cpu "
+        "(default: %(default)s)",
+    )  # fmt: skip
+
+
+def _device(text: str) -> str:
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use auto, cpu, cuda, cuda:N or mps")
+    return text
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,7 +192,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = GenerationOptions()
     group.add_argument(
         "--max-new-tokens", type=_option_type("max_new_tokens", int), default=defaults.max_new_tokens, metavar="N",
-        help="longest answer in tokens (default: %(default)s)",
+        help="longest answer in tokens; prompt + answer must fit the model's context (default: %(default)s)",
     )  # fmt: skip
     group.add_argument(
         "--temperature", type=_option_type("temperature", float), default=defaults.temperature, metavar="T",
@@ -176,7 +237,7 @@ def _option_type(name: str, convert: Callable[[str], Any]) -> Callable[[str], An
     return parse
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
     return int(text)
@@ -192,6 +253,8 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_chat(args: argparse.Namespace) -> VLChat:
     """Load the model named by --model/--device/--dtype, saying so on stderr (transformers shows a progress bar)."""
+    from deepseek_vl.chat import VLChat, resolve_device, resolve_dtype
+
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     print(f"Loading {args.model} on {device} ({str(dtype).removeprefix('torch.')})...", file=sys.stderr, flush=True)
@@ -203,7 +266,8 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         "generate",
         help="answer one prompt about zero or more images",
         description="Answer one prompt. Images are attached in order to the <image> tags of the prompt, or,\n"
-        "without tags, placed before it. The answer is streamed to stdout.",
+        "without tags, placed before it. The answer is streamed to stdout; Ctrl-C stops it, keeps the part\n"
+        "generated so far (with --json: finish_reason \"cancelled\") and exits with status 130.",
         epilog="examples:\n"
         "  deepseek-vl2 generate 'Describe this image.' -i photo.jpg\n"
         "  deepseek-vl2 generate '<|ref|>The giraffe at the back<|/ref|>.' -i zoo.jpg --annotate boxes.png\n"
@@ -211,8 +275,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "prompt", help="the question or instruction; a typed \\n is a line break; '-' reads the prompt from stdin"
-    )
+        "prompt", metavar="PROMPT",
+        help="the question or instruction; a typed \\n is a line break; '-' reads the prompt from stdin",
+    )  # fmt: skip
     parser.add_argument(
         "-i", "--image", action="append", default=[], metavar="IMAGE",
         help="image path, file:// or http(s):// URL, or data: URL (repeatable, in prompt order)",
@@ -222,12 +287,21 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
         help="print one JSON object: text, boxes (0..999 and pixels of the last image), token counts, finish_reason",
     )  # fmt: skip
     parser.add_argument("--annotate", metavar="OUT.png", help="write the last image with the answer's boxes drawn")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="print timings on stderr: load, prompt tokens, time to first token, tokens/s",
+    )  # fmt: skip
     add_model_arguments(parser)
     add_generation_arguments(parser)
     parser.set_defaults(handler=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from deepseek_vl.grounding import draw_grounding
+    from deepseek_vl.utils.io import load_image
+
     prompt = sys.stdin.read() if args.prompt == "-" else typed_line_breaks(args.prompt)
     if args.annotate and not args.image:
         raise CLIError("--annotate needs at least one --image to draw on")
@@ -236,17 +310,24 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.annotate and Path(args.annotate).suffix.lower() not in Image.registered_extensions():
         raise CLIError(f"cannot write {args.annotate!r}: use an image file extension such as .png or .jpg")
     images = [load_image(source, exif_transpose=args.exif_transpose) for source in args.image]
+    started = time.perf_counter()
     pipe = load_chat(args)
+    loaded = time.perf_counter()
     messages = [{"role": "user", "content": prompt}]
     options = generation_options(args) | {"exif_transpose": False}  # the images are already loaded (and rotated)
-    if args.json:
-        result = pipe.chat(messages, images, **options)
-        print(json.dumps(result.to_dict(), ensure_ascii=False))
-    else:
-        result = print_stream(pipe.chat(messages, images, stream=True, **options))
-    if args.annotate:
+    answer = stream_answer(pipe.chat(messages, images, stream=True, **options), echo=not args.json)
+    result = answer.result
+    if result is not None and args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+    if result is not None and args.annotate:
         draw_grounding(images[-1], result.grounding).save(args.annotate)
         print(f"wrote {args.annotate} ({len(result.grounding.boxes)} boxes)", file=sys.stderr)
+    if args.verbose and result is not None:
+        print(answer.timings(result, load_seconds=loaded - started), file=sys.stderr)
+    if answer.interrupted:
+        kept = f"the {result.completion_tokens} tokens generated are kept" if result else "nothing was generated"
+        print(f"deepseek-vl2: stopped by Ctrl-C; {kept}", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -255,16 +336,56 @@ def typed_line_breaks(text: str) -> str:
     return text.replace("\\n", "\n")
 
 
-def print_stream(stream: ChatStream) -> ChatResult | None:
-    """Print an answer as it is generated, then a newline; Ctrl-C stops it (the partial answer is kept)."""
+class StreamedAnswer:
+    """An answer read from a ChatStream: the result (partial after Ctrl-C) and when its pieces came."""
+
+    def __init__(self) -> None:
+        self.result: ChatResult | None = None
+        self.interrupted = False
+        self.started = time.perf_counter()
+        self.first_piece: float | None = None
+        self.finished = self.started
+
+    def timings(self, result: ChatResult, load_seconds: float) -> str:
+        """The --verbose summary, like `ollama run --verbose`: load, prompt, first token, decode rate."""
+        first = (self.first_piece or self.finished) - self.started
+        decode = self.finished - (self.first_piece or self.finished)
+        rate = f"{(result.completion_tokens - 1) / decode:.1f} tokens/s" if decode > 0 else "n/a tokens/s"
+        return (
+            f"load: {load_seconds:.2f} s\nprompt: {result.prompt_tokens} tokens, first token after {first:.2f} s\n"
+            f"answer: {result.completion_tokens} tokens in {self.finished - self.started:.2f} s, {rate} after the "
+            f"first ({result.finish_reason})"
+        )
+
+
+def stream_answer(stream: ChatStream, *, echo: bool) -> StreamedAnswer:
+    """Print the pieces of an answer as they come (echo), else show progress on a terminal's stderr; Ctrl-C stops
+    the generation and keeps what was generated (finish_reason "cancelled")."""
+    answer = StreamedAnswer()
+    progress = not echo and sys.stderr.isatty()
+    shown, characters, last_update = "", 0, 0.0
     try:
         for piece in stream:
-            print(piece, end="", flush=True)
+            answer.first_piece = answer.first_piece or time.perf_counter()
+            if echo:
+                print(piece, end="", flush=True)
+                shown += piece
+            elif progress:
+                characters += len(piece)
+                if time.perf_counter() - last_update > 0.25:
+                    last_update = time.perf_counter()
+                    print(f"\rgenerating: {characters} characters", end="", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
+        answer.interrupted = True
         stream.close()
-        print(" [stopped]", end="")
-    print(flush=True)
-    return stream.result
+    answer.finished = time.perf_counter()
+    answer.result = stream.result
+    if progress and last_update:
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
+    if echo:
+        text = answer.result.text if answer.result is not None else shown
+        print(text[len(shown) :] if text.startswith(shown) else "", flush=True)
+    return answer
 
 
 REPL_HELP = "/image PATH attaches an image to your next message, /reset clears the conversation, /exit quits"
@@ -289,6 +410,8 @@ def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    from deepseek_vl.utils.io import ImageLoadError, load_image
+
     pending = [load_image(source, exif_transpose=args.exif_transpose) for source in args.image]
     pipe = load_chat(args)
     if sys.stdin.isatty():
@@ -324,194 +447,15 @@ def run_chat(args: argparse.Namespace) -> int:
         else:
             message = {"role": "user", "content": typed_line_breaks(line), "images": pending}
             try:
-                result = print_stream(pipe.chat([*history, message], **options, stream=True))
+                answer = stream_answer(pipe.chat([*history, message], **options, stream=True), echo=True)
             except USER_ERRORS as error:
                 print(f"error: {error}", file=sys.stderr)
                 continue
             except KeyboardInterrupt:  # while the images were being prepared
-                print(" [stopped]")
+                print("[stopped]", file=sys.stderr)
                 continue
-            if result is not None:
-                history += [message, {"role": "assistant", "content": result.text}]
+            if answer.interrupted:
+                print("[stopped]", file=sys.stderr)
+            if answer.result is not None:
+                history += [message, {"role": "assistant", "content": answer.result.text}]
                 pending = []
-
-
-BATCH_DESCRIPTION = """\
-Answer a JSONL file of requests, several at a time (one batched forward per token), appending one JSON line
-per request to OUTPUT. Re-running with the same OUTPUT skips the lines already answered, so an interrupted run
-resumes where it stopped.
-
-Input lines:
-  {"id": "q1", "messages": [{"role": "user", "content": "What is shown?", "images": ["cat.jpg"]}]}
-  {"id": "q2", "prompt": "<|ref|>the cat<|/ref|>.", "images": ["cat.jpg"], "max_new_tokens": 64}
-"messages" (user/assistant/system turns) or "prompt" (one user message) is required. "images" is a flat list
-for the <image> tags, or, without tags, for the last user message; relative paths are relative to INPUT.
-Optional per line (the command-line values are the defaults):
-  %s
-
-Output lines, in input order within each batch:
-  {"id": "q1", "line": 1, "text": ..., "boxes": [...], "prompt_tokens": ..., "completion_tokens": ...,
-   "finish_reason": "stop" | "length"}
-  {"id": "q3", "line": 3, "error": "..."}   for a line that could not be answered; the others go on.
-"""
-LINE_OPTIONS = (*GENERATION_KEYS, "system_prompt")
-_REQUEST_KEYS = {"id", "messages", "prompt", "images", *LINE_OPTIONS}
-
-
-def add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "batch",
-        help="answer a JSONL file of requests in batches; resumable",
-        description=BATCH_DESCRIPTION % ", ".join(LINE_OPTIONS),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("input", metavar="INPUT", help="JSONL file of requests, one JSON object per line")
-    parser.add_argument("output", metavar="OUTPUT", help="JSONL file the answers are appended to")
-    parser.add_argument(
-        "--batch-size", type=_positive_int, default=8, metavar="N",
-        help="requests generated together (default: %(default)s)",
-    )  # fmt: skip
-    add_model_arguments(parser)
-    add_generation_arguments(parser)
-    parser.set_defaults(handler=run_batch)
-
-
-class _Request:
-    """One input line: its conversation and options, or why it cannot be answered."""
-
-    def __init__(self, line: int, text: str, base: Path, defaults: dict[str, Any]) -> None:
-        self.line, self.id, self.error = line, None, None
-        self.messages: list[dict[str, Any]] = []
-        self.images: list | None = None
-        self.options: dict[str, Any] = {}
-        try:
-            self._parse(text, base, defaults)
-        except ValueError as error:
-            self.error = str(error)
-
-    def _parse(self, text: str, base: Path, defaults: dict[str, Any]) -> None:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"not valid JSON: {error.msg} at column {error.colno}") from error
-        if not isinstance(data, dict):
-            raise ValueError("a request must be a JSON object")
-        self.id = data.get("id")
-        if unknown := sorted(set(data) - _REQUEST_KEYS):
-            raise ValueError(f"unknown keys {unknown}; allowed: {sorted(_REQUEST_KEYS)}")
-        if ("messages" in data) == ("prompt" in data):
-            raise ValueError('give either "messages" (a list of turns) or "prompt" (a string)')
-        if "prompt" in data and not isinstance(data["prompt"], str):
-            raise ValueError('"prompt" must be a string')
-        messages = data.get("messages", [{"role": "user", "content": data.get("prompt")}])
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise ValueError('"messages" must be a list of {"role": ..., "content": ...} objects')
-        self.messages = [m | {"images": _relative_to(m["images"], base)} if "images" in m else m for m in messages]
-        self.images = _relative_to(data["images"], base) if "images" in data else None
-        self.options = defaults | {key: data[key] for key in LINE_OPTIONS if key in data}
-        GenerationOptions(**{key: value for key, value in self.options.items() if key in GENERATION_KEYS})
-
-    def group_key(self) -> str:
-        return json.dumps(self.options, sort_keys=True)
-
-
-def _relative_to(sources: Any, base: Path) -> Any:
-    """Relative image paths of a request file are relative to that file, wherever the command runs."""
-    if not isinstance(sources, list):
-        raise ValueError('"images" must be a list')
-    return [
-        str(base / s) if isinstance(s, str) and ":" not in s and not Path(s).expanduser().is_absolute() else s
-        for s in sources
-    ]
-
-
-def run_batch(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    source, target = Path(args.input), Path(args.output)
-    if not source.is_file():
-        raise CLIError(f"input file {args.input!r} does not exist")
-    if target.exists() and target.resolve() == source.resolve():
-        raise CLIError("OUTPUT must be a different file from INPUT")
-    defaults = {key: value for key, value in generation_options(args).items() if key in LINE_OPTIONS}
-    lines = source.read_text(encoding="utf-8").splitlines()
-    requests = [_Request(n, text, source.resolve().parent, defaults) for n, text in enumerate(lines, 1) if text.strip()]
-    done = _answered_lines(target)
-    for request in requests:
-        if request.line in done and done[request.line] != request.id:
-            raise CLIError(
-                f"{args.output} holds an answer to line {request.line} with id {done[request.line]!r} but that line "
-                f"of {args.input} has id {request.id!r}; it belongs to another input: pass a new OUTPUT file"
-            )
-    todo = [request for request in requests if request.line not in done]
-    pipe = load_chat(args) if any(request.error is None for request in todo) else None
-    errors = 0
-    with (
-        target.open("a", encoding="utf-8") as out,
-        tqdm(
-            total=len(requests), initial=len(requests) - len(todo), desc="answering", unit="line", file=sys.stderr
-        ) as bar,
-    ):
-        for start in range(0, len(todo), args.batch_size):
-            for request, outcome in _answer_chunk(pipe, todo[start : start + args.batch_size], args):
-                record: dict[str, Any] = {"id": request.id, "line": request.line}
-                if isinstance(outcome, ChatResult):
-                    record |= outcome.to_dict()
-                else:
-                    record["error"] = outcome
-                    errors += 1
-                    bar.write(f"line {request.line}: {outcome}", file=sys.stderr)
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
-                bar.update(1)
-    print(f"{len(todo)} lines answered ({errors} errors), {len(requests) - len(todo)} already done: {target}",
-          file=sys.stderr)  # fmt: skip
-    return 0
-
-
-def _answer_chunk(pipe: VLChat | None, chunk: list[_Request], args: argparse.Namespace) -> list[tuple]:
-    """(request, ChatResult or error message) in line order; requests with equal options share a batch."""
-    answers = [(request, request.error) for request in chunk if request.error is not None]
-    groups: dict[str, list[_Request]] = {}
-    for request in chunk:
-        if request.error is None:
-            groups.setdefault(request.group_key(), []).append(request)
-    for group in groups.values():
-        answers += _answer_group(pipe, group, args)
-    return sorted(answers, key=lambda pair: pair[0].line)
-
-
-def _answer_group(pipe: VLChat, group: list[_Request], args: argparse.Namespace) -> list[tuple]:
-    """One batched generation; if it fails, each request alone, so one bad line only fails itself."""
-    try:
-        results = pipe.chat_batch(
-            [request.messages for request in group],
-            images=[request.images for request in group],
-            exif_transpose=args.exif_transpose,
-            **group[0].options,
-        )
-        return list(zip(group, results))
-    except (*USER_ERRORS, RuntimeError) as error:  # RuntimeError: e.g. out of memory for the whole batch
-        if len(group) == 1:
-            return [(group[0], f"{type(error).__name__}: {error}")]
-        return [pair for request in group for pair in _answer_group(pipe, [request], args)]
-
-
-def _answered_lines(target: Path) -> dict[int, Any]:
-    """Line number -> id of the answers already in OUTPUT; a last line cut off mid-write is removed first."""
-    if not target.exists():
-        return {}
-    data = target.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        with target.open("r+b") as file:
-            file.truncate(len(complete))
-    done = {}
-    for raw in complete.splitlines():
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("line"), int):
-            done[record["line"]] = record.get("id")
-    return done

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from deepseek_vl.utils.io import load_image
 if TYPE_CHECKING:
     from deepseek_vl.chat import ChatStream, VLChat
 
-__all__ = ["MODEL_CARD_EXAMPLES", "add_parser", "build_demo", "launch", "run"]
+__all__ = ["MODEL_CARD_EXAMPLES", "build_demo", "launch", "run"]
 
 MODEL_CARD_EXAMPLES: tuple[tuple[tuple[str, ...], str], ...] = (
     (("visual_grounding_1.jpeg",), "<|ref|>The giraffe at the back.<|/ref|>."),
@@ -213,37 +214,20 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, preven
     demo.queue(default_concurrency_limit=1)
     return demo.launch(
         server_name=host, server_port=port, share=False, prevent_thread_lock=prevent_thread_lock, show_error=True,
-        ssr_mode=False, max_file_size="50mb", quiet=prevent_thread_lock,
+        ssr_mode=False, max_file_size="50mb", quiet=True,  # quiet: no hint about a share link the CLI has not
     )  # fmt: skip
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """The `demo` sub-command."""
-    from deepseek_vl.serve.cli import add_model_arguments
-
-    parser = subparsers.add_parser("demo", help="Gradio web demo (upload images, chat, see grounding boxes)")
-    parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
-    add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument(
-        "--examples-dir", metavar="DIR",
-        help="folder with the model card's example images (the official repo's images/); without it the "
-        "examples are prompts only",
-    )  # fmt: skip
-    parser.add_argument("--max-images", type=int, default=8, help="most images per conversation (default 8)")
-    parser.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="most pixels per image")
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model once, then serve the demo until interrupted."""
+    """`deepseek-vl2 demo` (options in commands.py): load the model once, then serve the demo until Ctrl-C."""
     from deepseek_vl.serve.cli import load_chat
+    from deepseek_vl.serve.commands import check_port
 
+    check_port(args.host, args.port)
     chat = load_chat(args)
     demo = build_demo(
         chat, examples_dir=args.examples_dir, max_images=args.max_images, max_image_pixels=args.max_image_pixels
     )
+    print(f"Web demo on http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
     launch(demo, host=args.host, port=args.port)
     return 0

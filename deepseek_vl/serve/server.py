@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import inspect
 import json
-import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -29,15 +28,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deepseek_vl.serve.commands import API_KEY_ENV, SERVE_TUNING, check_port
 from deepseek_vl.serve.worker import ClientGone, GenerationWorker, Job, WorkerClosed
 from deepseek_vl.utils.io import load_image
 
 if TYPE_CHECKING:
     from deepseek_vl.chat import ChatResult, VLChat
 
-__all__ = ["API_KEY_ENV", "add_parser", "create_app", "run"]
+__all__ = ["API_KEY_ENV", "create_app", "run"]
 
-API_KEY_ENV = "DEEPSEEK_VL2_API_KEY"
 MiB = 1024 * 1024
 
 
@@ -421,52 +420,24 @@ def _sse(data: dict[str, Any]) -> str:
 
 # -------------------------------------------------------------------------------------------------------- CLI
 
-_TUNING_HELP = {
-    "max_body_bytes": "largest request body in bytes; 413 above",
-    "max_images": "most images per request",
-    "max_image_pixels": "most pixels (width x height) per image",
-    "remote_image_timeout": "seconds allowed per image download (with --allow-remote-images)",
-    "remote_image_max_bytes": "size cap per downloaded image",
-    "default_max_tokens": "generation budget of a request that sends no max_tokens",
-    "batch_window_ms": "how long the oldest waiting request waits for others to batch with",
-    "max_batch_size": "most requests generated together",
-}
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """The `serve` sub-command; its tuning flags mirror `create_app`'s keyword arguments and defaults."""
-    from deepseek_vl.serve.cli import add_model_arguments
-
-    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP API (chat completions, streaming)")
-    parser.description, parser.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
-    add_model_arguments(parser)
-    parser.add_argument("--model-name", help="the name clients pass as 'model' (default: the --model value)")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
-    key_help = f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})"
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=key_help)
-    remote_help = "let image_url fetch http(s) URLs (by default only base64 data URLs are accepted)"
-    parser.add_argument("--allow-remote-images", action="store_true", help=remote_help)
-    defaults = inspect.signature(create_app).parameters
-    for name, help_text in _TUNING_HELP.items():
-        default = defaults[name].default
-        flag = "--" + name.replace("_", "-")
-        kind = type(default)
-        parser.add_argument(
-            flag, type=kind, default=default, metavar=kind.__name__.upper(), help=f"{help_text} (default {default})"
-        )
-    parser.set_defaults(handler=run)
-    return parser
+SHUTDOWN_GRACE_S = 5.0  # after Ctrl-C, how long open responses get to end before their connections are closed
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the model once, then serve until interrupted."""
+    """`deepseek-vl2 serve` (options in commands.py): load the model once, then serve until Ctrl-C or SIGTERM.
+
+    The first signal stops taking requests and stops the generations (open streams end with an error event), then
+    the process exits with status 0; a second signal exits at once.
+    """
+    import threading
+
     import uvicorn
 
     from deepseek_vl.serve.cli import load_chat
 
+    check_port(args.host, args.port)
     chat = load_chat(args)
-    tuning = {name: getattr(args, name) for name in _TUNING_HELP}
+    tuning = {name: getattr(args, name) for name in SERVE_TUNING}
     app = create_app(
         chat,
         model_name=args.model_name or args.model,
@@ -474,5 +445,14 @@ def run(args: argparse.Namespace) -> int:
         allow_remote_images=args.allow_remote_images,
         **tuning,
     )
-    uvicorn.run(app, host=args.host, port=args.port)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:  # the signal handler must not block: the worker stops in its own thread
+                print("\ndeepseek-vl2: stopping (Ctrl-C again to quit at once)", file=sys.stderr, flush=True)
+                threading.Thread(target=app.state.worker.stop, name="deepseek-vl2-shutdown", daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    Server(config).run()
     return 0

@@ -1,0 +1,276 @@
+"""`deepseek-vl2 batch`: answer a JSONL file of requests, several at a time, resumably.
+
+Each answer is appended to OUTPUT as soon as its batch finishes, so a killed run loses at most one batch. A rerun
+matches the records already in OUTPUT to the input lines by `id` (or, for a line without one, by a hash of its
+request), so lines may be fixed, inserted or reordered between runs without losing answers. At the end OUTPUT is
+rewritten in input order, one record per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from deepseek_vl.serve.cli import (
+    GENERATION_KEYS,
+    CLIError,
+    add_generation_arguments,
+    add_model_arguments,
+    generation_options,
+    load_chat,
+    positive_int,
+)
+
+if TYPE_CHECKING:
+    from deepseek_vl.chat import ChatResult, VLChat
+
+__all__ = ["LINE_OPTIONS", "Request", "add_parser", "read_requests", "run"]
+
+DESCRIPTION = """\
+Answer a JSONL file of requests, several at a time (one batched forward per token), appending one JSON record
+per request to OUTPUT. Re-running with the same OUTPUT answers only what is missing: records are matched to input
+lines by "id" (by a hash of the request for lines without one), so an interrupted run resumes, and a line that
+was fixed or inserted is answered without redoing the others. Lines that failed are retried with --retry-errors.
+When the run ends OUTPUT is rewritten in input order. The exit status is 1 if any line has an error.
+
+Input lines:
+  {"id": "q1", "messages": [{"role": "user", "content": "What is shown?", "images": ["cat.jpg"]}]}
+  {"id": "q2", "prompt": "<|ref|>the cat<|/ref|>.", "images": ["cat.jpg"], "max_new_tokens": 64}
+"messages" (user/assistant/system turns) or "prompt" (one user message) is required; "id" is optional but must
+be unique. "images" is a flat list for the <image> tags, or, without tags, for the last user message; relative
+image paths are relative to the folder of INPUT. Optional per line (the command-line values are the defaults):
+  %s
+
+Output records:
+  {"id": "q1", "line": 1, "text": ..., "boxes": [...], "prompt_tokens": ..., "completion_tokens": ...,
+   "finish_reason": "stop" | "length", "request_sha256": ...}
+  {"id": "q3", "line": 3, "error": "...", "request_sha256": ...}   a line that could not be answered; the rest go on.
+"""
+LINE_OPTIONS = (*GENERATION_KEYS, "system_prompt")
+_REQUEST_KEYS = {"id", "messages", "prompt", "images", *LINE_OPTIONS}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "batch",
+        help="answer a JSONL file of requests in batches; resumable",
+        description=DESCRIPTION % ", ".join(LINE_OPTIONS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("input", metavar="INPUT", help="JSONL file of requests, one JSON object per line")
+    parser.add_argument("output", metavar="OUTPUT", help="JSONL file of answers (created, or resumed if it exists)")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=8, metavar="N",
+        help="requests generated together (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--retry-errors", action="store_true",
+        help="answer again the lines whose record in OUTPUT is an error (e.g. after fixing a missing image)",
+    )  # fmt: skip
+    add_model_arguments(parser)
+    add_generation_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+class Request:
+    """One input line: its conversation and options, the key its answer is found by, or why it cannot be answered."""
+
+    def __init__(self, line: int, text: str, base: Path, defaults: dict[str, Any]) -> None:
+        self.line, self.id, self.error = line, None, None
+        self.messages: list[dict[str, Any]] = []
+        self.images: list | None = None
+        self.options: dict[str, Any] = {}
+        self.sha256 = hashlib.sha256(text.strip().encode()).hexdigest()
+        try:
+            self._parse(text, base, defaults)
+        except ValueError as error:
+            self.error = str(error)
+
+    @property
+    def key(self) -> str:
+        return f"id:{json.dumps(self.id)}" if self.id is not None else f"sha256:{self.sha256}"
+
+    def _parse(self, text: str, base: Path, defaults: dict[str, Any]) -> None:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not valid JSON: {error.msg} at column {error.colno}") from error
+        if not isinstance(data, dict):
+            raise ValueError("a request must be a JSON object")
+        self.id = data.get("id")
+        # whitespace and key order do not change what is asked: hash the request as parsed
+        self.sha256 = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        if unknown := sorted(set(data) - _REQUEST_KEYS):
+            raise ValueError(f"unknown keys {unknown}; allowed: {sorted(_REQUEST_KEYS)}")
+        if ("messages" in data) == ("prompt" in data):
+            raise ValueError('give either "messages" (a list of turns) or "prompt" (a string)')
+        if "prompt" in data and not isinstance(data["prompt"], str):
+            raise ValueError('"prompt" must be a string')
+        messages = data.get("messages", [{"role": "user", "content": data.get("prompt")}])
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError('"messages" must be a list of {"role": ..., "content": ...} objects')
+        self.messages = [m | {"images": _relative_to(m["images"], base)} if "images" in m else m for m in messages]
+        self.images = _relative_to(data["images"], base) if "images" in data else None
+        self.options = defaults | {key: data[key] for key in LINE_OPTIONS if key in data}
+        from deepseek_vl.options import GenerationOptions
+
+        GenerationOptions(**{key: value for key, value in self.options.items() if key in GENERATION_KEYS})
+
+    def group_key(self) -> str:
+        return json.dumps(self.options, sort_keys=True)
+
+
+def _relative_to(sources: Any, base: Path) -> Any:
+    """Relative image paths of a request file are relative to that file, wherever the command runs."""
+    if not isinstance(sources, list):
+        raise ValueError('"images" must be a list')
+    return [
+        str(base / s) if isinstance(s, str) and ":" not in s and not Path(s).expanduser().is_absolute() else s
+        for s in sources
+    ]
+
+
+def read_requests(source: Path, defaults: dict[str, Any]) -> list[Request]:
+    """The non-blank lines of a JSONL file. Lines end at "\\n" only: JSON strings may hold U+2028 and friends."""
+    text = source.read_bytes().decode("utf-8", errors="replace")
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    requests = [Request(n, line, source.resolve().parent, defaults) for n, line in enumerate(lines, 1) if line.strip()]
+    seen: dict[str, int] = {}
+    for request in requests:
+        if request.id is not None and request.key in seen:
+            raise CLIError(
+                f"lines {seen[request.key]} and {request.line} of {source} have the same id {request.id!r}; "
+                "ids must be unique (answers are matched to lines by id)"
+            )
+        seen[request.key] = request.line
+    hashed: dict[str, int] = {}  # identical lines without an id: the k-th copy gets the k-th answer
+    for request in requests:
+        if request.id is None:
+            hashed[request.sha256] = count = hashed.get(request.sha256, 0) + 1
+            request.sha256 += f"#{count}" if count > 1 else ""
+    return requests
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    source, target = Path(args.input), Path(args.output)
+    if not source.is_file():
+        raise CLIError(f"input file {args.input!r} does not exist")
+    if not target.resolve().parent.is_dir():
+        raise CLIError(f"cannot write {args.output!r}: its folder does not exist")
+    if target.exists() and target.resolve() == source.resolve():
+        raise CLIError("OUTPUT must be a different file from INPUT")
+    defaults = {key: value for key, value in generation_options(args).items() if key in LINE_OPTIONS}
+    requests = read_requests(source, defaults)
+    records = _read_records(target)
+    done = {_record_key(record): record for record in records}
+    todo = [r for r in requests if r.key not in done or (args.retry_errors and "error" in done[r.key])]
+    earlier_errors = sum("error" in done[r.key] for r in requests if r.key in done and r not in todo)
+    pipe = load_chat(args) if any(request.error is None for request in todo) else None
+    errors = 0
+    with (
+        target.open("a", encoding="utf-8") as out,
+        tqdm(
+            total=len(requests), initial=len(requests) - len(todo), desc="answering", unit="line", file=sys.stderr
+        ) as bar,
+    ):
+        for start in range(0, len(todo), args.batch_size):
+            for request, outcome in _answer_chunk(pipe, todo[start : start + args.batch_size], args):
+                record: dict[str, Any] = {"id": request.id, "line": request.line}
+                if isinstance(outcome, str):
+                    record["error"] = outcome
+                    errors += 1
+                    bar.write(f"line {request.line}: {outcome}", file=sys.stderr)
+                else:
+                    record |= outcome.to_dict()
+                record["request_sha256"] = request.sha256
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+                records.append(record)
+                bar.update(1)
+    _rewrite_in_input_order(target, requests, records)
+    summary = f"{len(todo)} lines answered ({errors} errors), {len(requests) - len(todo)} already done: {target}"
+    if earlier_errors:
+        summary += f"; {earlier_errors} lines failed in an earlier run: pass --retry-errors to retry them"
+    print(summary, file=sys.stderr)
+    return 1 if errors or earlier_errors else 0
+
+
+def _answer_chunk(pipe: VLChat | None, chunk: list[Request], args: argparse.Namespace) -> list[tuple]:
+    """(request, ChatResult or error message) in line order; requests with equal options share a batch."""
+    answers = [(request, request.error) for request in chunk if request.error is not None]
+    groups: dict[str, list[Request]] = {}
+    for request in chunk:
+        if request.error is None:
+            groups.setdefault(request.group_key(), []).append(request)
+    for group in groups.values():
+        answers += _answer_group(pipe, group, args)
+    return sorted(answers, key=lambda pair: pair[0].line)
+
+
+def _answer_group(pipe: VLChat, group: list[Request], args: argparse.Namespace) -> list[tuple]:
+    """One batched generation; if it fails, each request alone, so one bad line only fails itself."""
+    try:
+        results = pipe.chat_batch(
+            [request.messages for request in group],
+            images=[request.images for request in group],
+            exif_transpose=args.exif_transpose,
+            **group[0].options,
+        )
+        return list(zip(group, results))
+    except Exception as error:  # noqa: BLE001 - any failure of one line (bad content, out of memory) is recorded
+        if len(group) == 1:
+            return [(group[0], f"{type(error).__name__}: {error}")]
+        return [pair for request in group for pair in _answer_group(pipe, [request], args)]
+
+
+def _read_records(target: Path) -> list[dict[str, Any]]:
+    """The records already in OUTPUT; a last line cut off mid-write is removed first."""
+    if not target.exists():
+        return []
+    data = target.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with target.open("r+b") as file:
+            file.truncate(len(complete))
+    records = []
+    for raw in complete.split(b"\n"):
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _record_key(record: dict[str, Any]) -> str | None:
+    if record.get("id") is not None:
+        return f"id:{json.dumps(record['id'])}"
+    return f"sha256:{record['request_sha256']}" if isinstance(record.get("request_sha256"), str) else None
+
+
+def _rewrite_in_input_order(target: Path, requests: Sequence[Request], records: list[dict[str, Any]]) -> None:
+    """One record per input line, in input order (the newest for each); answers to lines no longer in the input
+    are kept at the end (their errors are dropped). Written to a new file then renamed, so a crash leaves the old
+    OUTPUT intact."""
+    latest = {_record_key(record): record for record in records if _record_key(record) is not None}
+    ordered = [latest[r.key] | {"line": r.line} for r in requests if r.key in latest]
+    current = {r.key for r in requests}
+    stale = []
+    for record in records:
+        key = _record_key(record)
+        if "error" not in record and key not in current and (key is None or latest[key] is record):
+            stale.append(record)
+    partial = target.with_name(target.name + ".partial")
+    with partial.open("w", encoding="utf-8") as out:
+        for record in ordered + stale:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(partial, target)
