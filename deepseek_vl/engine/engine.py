@@ -12,6 +12,7 @@ image loading and tiling) on the caller's thread; the engine thread owns the mod
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -29,9 +30,13 @@ if TYPE_CHECKING:
     from deepseek_vl.chat import ChatResult, VLChat
     from deepseek_vl.engine.metrics import EngineMetrics
 
-__all__ = ["Engine", "Handle"]
+__all__ = ["Engine", "EngineClosed", "EngineStream", "Handle"]
 
 MiB = 1024 * 1024
+
+
+class EngineClosed(RuntimeError):
+    """The engine stopped before the request finished."""
 
 
 class Handle:
@@ -137,6 +142,10 @@ class Engine:
             self.cond.notify_all()
         return handle
 
+    def stream(self, messages: list[dict[str, Any]], **kwargs: Any) -> EngineStream:
+        """Like `VLChat.chat(stream=True)`: iterate the text pieces, then read `.result`; `.close()` cancels."""
+        return EngineStream(self, messages, **kwargs)
+
     def generate(self, conversations: list[list[dict[str, Any]]], **kwargs: Any) -> list[ChatResult]:
         """Answer several conversations continuously (inline when the engine thread is not running)."""
         handles = [self.submit(messages, **kwargs) for messages in conversations]
@@ -160,6 +169,7 @@ class Engine:
         self.thread.start()
 
     def stop(self) -> None:
+        """Stop after the current step; unfinished requests end with `EngineClosed`."""
         with self.cond:
             self.closed = True
             self.cond.notify_all()
@@ -174,9 +184,17 @@ class Engine:
                 if self.closed:
                     break
             self.step()
-        for seq in [*self.scheduler.waiting, *self.scheduler.prefilling, *self.scheduler.decoding]:
-            seq.cancel.set()
-        self._retire_cancelled()
+        closed = EngineClosed("the engine stopped")
+        with self.cond:
+            for seq, handle in self.incoming:
+                self.handles[seq.id] = handle
+                self.scheduler.add(seq)
+            self.incoming.clear()
+        for seq in list(self.scheduler.waiting):
+            self.scheduler.drop_waiting(seq)
+            self._report(seq, closed)
+        for seq in [*self.scheduler.prefilling, *self.scheduler.decoding]:
+            self._finish(seq, closed)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -275,3 +293,26 @@ class Engine:
         handle.done.set()
         if seq.on_done is not None:
             seq.on_done(handle.result if error is None else error)
+
+
+class EngineStream:
+    """Text pieces of one engine request as they come; `result` is set once they are exhausted (or on `close`)."""
+
+    _DONE = object()
+
+    def __init__(self, engine: Engine, messages: list[dict[str, Any]], **kwargs: Any) -> None:
+        self.result: ChatResult | None = None
+        self._pieces: queue.Queue = queue.Queue()
+        self.handle = engine.submit(
+            messages, on_piece=self._pieces.put, on_done=lambda _: self._pieces.put(self._DONE), **kwargs
+        )
+
+    def __iter__(self):
+        while (piece := self._pieces.get()) is not self._DONE:
+            yield piece
+        self.result = self.handle.wait()
+
+    def close(self) -> None:
+        self.handle.cancel()
+        self.handle.done.wait()
+        self.result = self.handle.result

@@ -29,7 +29,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deepseek_vl.serve.commands import API_KEY_ENV, SERVE_TUNING, check_port
-from deepseek_vl.serve.worker import ClientGone, GenerationWorker, Job, WorkerClosed
+from deepseek_vl.engine.grammar import compile_response_format
+from deepseek_vl.engine.metrics import EngineMetrics
+from deepseek_vl.serve.worker import ClientGone, EngineWorker, GenerationWorker, Job, WorkerClosed
 from deepseek_vl.utils.io import load_image
 
 if TYPE_CHECKING:
@@ -115,6 +117,7 @@ class ChatCompletionRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None
 
     @field_validator("n")
     @classmethod
@@ -169,8 +172,17 @@ def create_app(
     default_max_tokens: int = 512,
     batch_window_ms: float = 20.0,
     max_batch_size: int = 8,
+    scheduler: str = "engine",
+    prefill_budget: int = 512,
+    vision_cache_mb: int = 256,
+    prefix_cache_mb: int = 1024,
 ) -> FastAPI:
-    """Build the API around an already loaded `VLChat`; the generation thread lives as long as the app runs."""
+    """Build the API around an already loaded `VLChat`; the generation thread lives as long as the app runs.
+
+    `scheduler` "engine" batches continuously (`deepseek_vl.engine`, at most `max_batch_size` rows, prompts run
+    `prefill_budget` tokens per step); "window" is the older window batcher, kept for comparison. The engine's
+    caches (`vision_cache_mb`, `prefix_cache_mb`) are off at 0.
+    """
     limits = _Limits(
         max_body_bytes=max_body_bytes,
         max_images=max_images,
@@ -181,7 +193,16 @@ def create_app(
         default_max_tokens=default_max_tokens,
     )
     context = int(chat.model.config.language_config.max_position_embeddings)
-    worker = GenerationWorker(chat, batch_window_ms / 1000, max_batch_size)
+    metrics = EngineMetrics()
+    if scheduler == "engine":
+        worker: EngineWorker | GenerationWorker = EngineWorker(
+            chat, max_rows=max_batch_size, prefill_budget=prefill_budget, vision_cache_bytes=vision_cache_mb * MiB,
+            prefix_cache_bytes=prefix_cache_mb * MiB, metrics=metrics,
+        )  # fmt: skip
+    elif scheduler == "window":
+        worker = GenerationWorker(chat, batch_window_ms / 1000, max_batch_size)
+    else:
+        raise ValueError(f"scheduler must be 'engine' or 'window', got {scheduler!r}")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -194,6 +215,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, error: APIError) -> JSONResponse:
+        metrics.rejected.labels(error.code).inc()
         return error.response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -217,6 +239,11 @@ def create_app(
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "busy": worker.busy, "queued": len(worker.queue)}
 
+    @app.get("/metrics", dependencies=authorized)
+    async def prometheus_metrics() -> Response:
+        metrics.queue_length.set(len(worker.queue))
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.get("/v1/models", dependencies=authorized)
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(model_name)]}
@@ -234,6 +261,9 @@ def create_app(
         messages = await run_in_threadpool(_to_chat_messages, req.messages, limits)
         max_tokens = await run_in_threadpool(_max_new_tokens, chat, req, messages, context, limits)
         options = req.model_dump(include={"temperature", "top_p", "repetition_penalty", "stop", "seed"})
+        if req.response_format is not None:
+            await run_in_threadpool(_check_response_format, chat, req.response_format)
+            options["response_format"] = req.response_format
         job = Job(messages, {**options, "max_new_tokens": max_tokens}, req.stream, asyncio.get_running_loop())
         try:
             worker.submit(job)
@@ -355,9 +385,19 @@ def _max_new_tokens(
     return requested if requested is not None else min(limits.default_max_tokens, room)
 
 
+def _check_response_format(chat: VLChat, response_format: dict[str, Any]) -> None:
+    """Compile the grammar now (compiled grammars are cached) so that a bad schema is a 400, not a failed job."""
+    try:
+        compile_response_format(chat.tokenizer, chat.model.config.language_config.vocab_size, response_format)
+    except ValueError as error:
+        raise _bad_request(str(error), "invalid_response_format", "response_format") from error
+
+
 def _as_api_error(error: BaseException) -> APIError:
     if isinstance(error, APIError):
         return error
+    if isinstance(error, WorkerClosed):
+        return APIError(503, "The server is shutting down.", "server_shutting_down")
     if isinstance(error, ValueError):
         return _bad_request(str(error), "invalid_request")
     return APIError(500, f"Generation failed: {type(error).__name__}: {error}", "generation_failed")

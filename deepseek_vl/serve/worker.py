@@ -228,10 +228,14 @@ class EngineWorker:
         self.preparing.submit(self._admit, job)
 
     def _admit(self, job: Job) -> None:
+        from deepseek_vl.engine import EngineClosed
+
         if job.cancelled.is_set():
             return
 
         def done(outcome: ChatResult | BaseException) -> None:
+            if isinstance(outcome, EngineClosed):
+                outcome = WorkerClosed("the server is shutting down")
             job.emit("error" if isinstance(outcome, BaseException) else "done", outcome)
 
         on_piece = (lambda piece: job.emit("piece", piece)) if job.stream else None
