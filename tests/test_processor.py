@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -292,3 +293,14 @@ def test_tokenizer_adds_bos_like_the_official_one(processor) -> None:
     assert tokenizer.encode("Hello, world!") == [0, 19923, 14, 2058, 3]
     assert tokenizer.encode("Hello, world!", add_special_tokens=False) == [19923, 14, 2058, 3]
     assert len(tokenizer) == 128823
+
+
+def test_old_pillow_is_warned_about() -> None:
+    """Pillow 12 misses test_images_bit_exact[09_edge_tall_90x1500] by 1-2 levels; 13 is required for exact tiles."""
+    from deepseek_vl.models import warn_if_old_pillow
+
+    with pytest.warns(UserWarning, match=r"Pillow 12.3.0 tiles some images slightly differently.*pillow>=13"):
+        warn_if_old_pillow("12.3.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_old_pillow("13.0.0")

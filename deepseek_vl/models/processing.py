@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from transformers import AutoProcessor, AutoTokenizer, PreTrainedConfig
+from transformers import AutoProcessor, PreTrainedTokenizerFast
 
 from deepseek_vl.models.chat_template import apply_chat_template
 from deepseek_vl.models.chat_template import apply_chat_template
@@ -239,8 +239,9 @@ class DeepseekVLV2Processor:
 
         config = json.loads(Path(config_file).read_text(encoding="utf-8"))
         config = {key: value for key, value in config.items() if key in _CONFIG_KEYS} | kwargs
-        # The tokenizer files fully describe the tokenizer; an empty config skips reading the model's config.json.
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, config=PreTrainedConfig(), **hub_kwargs)
+        # tokenizer.json fully describes the tokenizer. The official tokenizer_config.json names LlamaTokenizer, for
+        # which AutoTokenizer loads this same fast tokenizer with advice to edit that file: ask for it directly.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_source, **hub_kwargs)
         _restore_special_token_flags(tokenizer, Path(config_file).with_name("tokenizer_config.json"))
         return cls(tokenizer, **config)
 
