@@ -11,30 +11,34 @@
 
 Each actor loads the model once in `__init__`; `__call__` answers a batch of rows with `VLChat.chat_batch` (so the
 greedy answers are the local `deepseek-vl2 batch` answers) and a row that fails gets an `error` instead of
-stopping the job. Ray itself is imported only by `run_ray_batch` (the `distributed` extra).
+stopping the job. Importing this module is light (the `batch` command's parser uses it); torch, the model and
+Ray (the `distributed` extra) load when a predictor is built or `run_ray_batch` runs.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from deepseek_vl.options import GenerationOptions
 
-from deepseek_vl.chat import ChatResult, GenerationOptions, VLChat
-from deepseek_vl.utils.io import ImageLoadError
+if TYPE_CHECKING:
+    from deepseek_vl.chat import ChatResult, VLChat
 
-__all__ = ["RESULT_COLUMNS", "ROW_OPTIONS", "Row", "VLPredictor", "answer", "run_ray_batch"]
+__all__ = [
+    "RESULT_COLUMNS", "ROW_OPTIONS", "Row", "VLPredictor", "answer", "parquet_lines", "parse_shard", "run_ray_batch",
+    "shard_path",
+]  # fmt: skip
 
 GENERATION_KEYS = tuple(f.name for f in GenerationOptions.__dataclass_fields__.values())
 ROW_OPTIONS = (*GENERATION_KEYS, "system_prompt")
 RESULT_COLUMNS = ("text", "boxes", "prompt_tokens", "completion_tokens", "finish_reason", "error")
 ROW_KEYS = {"id", "line", "prompt", "messages", "images", "options", *ROW_OPTIONS}
 _INTEGER_OPTIONS = ("max_new_tokens", "seed", "chunk_size")
-_ROW_ERRORS = (ValueError, ImageLoadError, FileNotFoundError, RuntimeError, TypeError)
 
 
 class Row:
@@ -109,6 +113,8 @@ def _integral(key: str, value: Any) -> Any:
 
 def _python(value: Any) -> Any:
     """Arrow/numpy cells as plain Python: arrays become lists, numpy scalars numbers, NaN (a null int) None."""
+    import numpy as np
+
     if isinstance(value, np.ndarray):
         return [_python(v) for v in value.tolist()] if value.dtype == object else value.tolist()
     if isinstance(value, np.generic):
@@ -164,6 +170,8 @@ class VLPredictor:
         self.defaults = generation
         self.base = Path(base_dir) if base_dir is not None else None
         self.exif_transpose = exif_transpose
+        from deepseek_vl.chat import VLChat
+
         extras = {key: value for key, value in (("quantize", quantize), ("adapter", adapter)) if value is not None}
         self.pipe = VLChat.from_pretrained(model, device=device, dtype=dtype, progress=False, **extras)
 
@@ -185,7 +193,7 @@ class VLPredictor:
         """One record per row: the `ChatResult.to_dict()` keys, or `{"error": message}`."""
         requests = [Row(row, self.defaults, self.base) for row in rows]
         return [
-            outcome.to_dict() if isinstance(outcome, ChatResult) else {"error": outcome}
+            {"error": outcome} if isinstance(outcome, str) else outcome.to_dict()
             for outcome in answer(self.pipe, requests, self.exif_transpose)
         ]
 
@@ -212,7 +220,7 @@ def _answer_group(pipe: VLChat, group: list[Row], exif_transpose: bool) -> list[
             exif_transpose=exif_transpose,
             **group[0].options,
         )
-    except _ROW_ERRORS as error:  # RuntimeError: e.g. out of memory for the whole batch
+    except Exception as error:  # noqa: BLE001 - any failure of one row (bad content, out of memory) is recorded
         if len(group) == 1:
             return [f"{type(error).__name__}: {error}"]
         return [outcome for request in group for outcome in _answer_group(pipe, [request], exif_transpose)]
@@ -271,3 +279,41 @@ class _RequestPredictor(VLPredictor):
         records = self.answer_rows([json.loads(text) for text in batch["request"]])
         answers = [json.dumps(record, ensure_ascii=False) for record in records]
         return {"line": list(batch["line"]), "id": list(batch["id"]), "answer": answers}
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` (0 <= I < N): shard I of N, e.g. `--shard $SLURM_ARRAY_TASK_ID/8` with `--array=0-7`."""
+    index, slash, count = text.partition("/")
+    if not slash or not index.strip().isdigit() or not count.strip().isdigit() or not 0 <= int(index) < int(count):
+        raise ValueError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return int(index), int(count)
+
+
+def shard_path(output: Path, index: int, count: int) -> Path:
+    """Where shard I of N writes: answers.jsonl -> answers.shard-I-of-N.jsonl, beside OUTPUT."""
+    return output.with_name(f"{output.stem}.shard-{index}-of-{count}{output.suffix}")
+
+
+def parquet_lines(source: Path) -> list[str]:
+    """The rows of a Parquet file as JSONL request lines (null cells left out, image bytes as data URLs), so both
+    inputs share one parser."""
+    import pyarrow.parquet as pq
+
+    return [json.dumps(_cell(row), default=_bytes_url) for row in pq.read_table(source).to_pylist()]
+
+
+def _cell(value: Any, key: str = "") -> Any:
+    """Null struct fields left out; a `messages` or `images` cell may be JSON text (one Arrow type for any shape)."""
+    if key in ("messages", "images") and isinstance(value, str) and value.lstrip().startswith("["):
+        return json.loads(value)
+    if isinstance(value, dict):
+        return {k: _cell(v, k) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_cell(v) for v in value]
+    return value
+
+
+def _bytes_url(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return "data:image/*;base64," + base64.b64encode(value).decode()
+    raise TypeError(f"a {type(value).__name__} cell cannot be part of a request")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from deepseek_vl.distributed import RESULT_COLUMNS, VLPredictor, run_ray_batch
+from deepseek_vl.distributed import RESULT_COLUMNS, VLPredictor
 from golden import GOLDEN, checkpoint
 
 TINY = str(checkpoint("tiny"))
@@ -71,26 +70,26 @@ def test_bad_constructor_options_fail_early() -> None:
 
 
 @pytest.mark.slow
-def test_local_ray_cluster_gives_the_local_batch_answers(tmp_path: Path) -> None:
-    """Two CPU actors on a local `ray.init()`: the records equal the local batch command's, a failing row included."""
-    from deepseek_vl.serve.cli import main
+def test_ray_data_map_batches_as_documented() -> None:
+    """The README's usage on a local `ray.init()`: two CPU actors, rows as Ray Data hands them over."""
+    import ray
 
-    (tmp_path / "pic.png").write_bytes(SMALL_IMAGE.read_bytes())
-    requests = [
-        {"id": "a", "prompt": "Describe the image.", "images": ["pic.png"]},
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    rows = [
+        {"id": "a", "prompt": "Describe.", "images": [str(SMALL_IMAGE)]},
         {"id": "b", "prompt": "<|ref|>The giraffe<|/ref|>.", "images": [str(GIRAFFES)]},
-        {"id": "c", "messages": [{"role": "user", "content": "Hello"}], "max_new_tokens": 2},
-        {"id": "d", "prompt": "What is this?", "images": ["missing.png"]},
-        {"id": 5, "messages": [{"role": "user", "content": "<image> vs <image>"}], "images": ["pic.png", "pic.png"]},
+        {"id": "c", "prompt": "What is this?", "images": ["/no/such.png"]},
+        {"id": "d", "prompt": "Hello", "images": []},
     ]
-    source = tmp_path / "requests.jsonl"
-    source.write_text("".join(json.dumps(r) + "\n" for r in requests))
-    local = tmp_path / "local.jsonl"
-    assert main(["batch", str(source), str(local), "--model", TINY, "--max-new-tokens", "3", "--batch-size", "2"]) == 0
-    expected = [json.loads(line) for line in local.read_text().splitlines()]
-
-    rows = [(n, request) for n, request in enumerate(requests, 1)]
-    kwargs = {"model": TINY, "device": "cpu", "max_new_tokens": 3, "base_dir": str(tmp_path)}
-    records = list(run_ray_batch(rows, kwargs, concurrency=2, batch_size=2))
-    assert records == sorted(expected, key=lambda record: record["line"])
-    assert "missing.png" in records[3]["error"] and records[3]["id"] == "d"
+    dataset = ray.data.from_items(rows, override_num_blocks=2).map_batches(
+        VLPredictor, fn_constructor_kwargs={"model": TINY, "device": "cpu", "max_new_tokens": 3},
+        compute=ray.data.ActorPoolStrategy(size=2), batch_size=2,
+    )  # fmt: skip
+    answered = {row["id"]: row for row in dataset.take_all()}
+    local = VLPredictor(TINY, device="cpu", max_new_tokens=3)
+    for row in rows:
+        expected = local.answer_rows([{"prompt": row["prompt"], "images": row["images"]}])[0]
+        got = answered[row["id"]]
+        assert {key: got[key] for key in expected} == expected
+    assert "/no/such.png" in answered["c"]["error"] and answered["a"]["error"] is None

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,9 +73,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--retry-errors", action="store_true",
         help="answer again the lines whose record in OUTPUT is an error (e.g. after fixing a missing image)",
     )  # fmt: skip
+    scale = parser.add_argument_group("scale-out (see README: Scale-out and evaluation)")
+    scale.add_argument(
+        "--shard", type=_shard, metavar="I/N",
+        help="answer only shard I of N (0 <= I < N: every N-th request from the I-th) into OUTPUT.shard-I-of-N; "
+        "e.g. --shard $SLURM_ARRAY_TASK_ID/8",
+    )  # fmt: skip
+    scale.add_argument(
+        "--merge", type=positive_int, metavar="N",
+        help="combine the N shard outputs of OUTPUT into OUTPUT, in input order; loads no model",
+    )  # fmt: skip
+    scale.add_argument("--ray", action="store_true", help="answer on a Ray cluster, one model per actor ([distributed])")
+    scale.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: RAY_ADDRESS or local)")
+    scale.add_argument(
+        "--concurrency", type=positive_int, default=1, metavar="N", help="Ray actors, each with its model (default: 1)"
+    )
+    scale.add_argument("--num-gpus", type=float, default=0, metavar="G", help="GPUs per Ray actor (default: 0)")
     add_model_arguments(parser)
     add_generation_arguments(parser)
     parser.set_defaults(handler=run)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    from deepseek_vl.distributed import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 class Request:
@@ -138,8 +163,13 @@ def _relative_to(sources: Any, base: Path) -> Any:
 
 def read_requests(source: Path, defaults: dict[str, Any]) -> list[Request]:
     """The non-blank lines of a JSONL file. Lines end at "\\n" only: JSON strings may hold U+2028 and friends."""
-    text = source.read_bytes().decode("utf-8", errors="replace")
-    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if source.suffix == ".parquet":
+        from deepseek_vl.distributed import parquet_lines
+
+        lines = parquet_lines(source)
+    else:
+        text = source.read_bytes().decode("utf-8", errors="replace")
+        lines = [line.removesuffix("\r") for line in text.split("\n")]
     requests = [Request(n, line, source.resolve().parent, defaults) for n, line in enumerate(lines, 1) if line.strip()]
     seen: dict[str, int] = {}
     for request in requests:
@@ -169,11 +199,20 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("OUTPUT must be a different file from INPUT")
     defaults = {key: value for key, value in generation_options(args).items() if key in LINE_OPTIONS}
     requests = read_requests(source, defaults)
+    if args.merge:
+        return _merge(target, requests, args.merge)
+    if args.shard:
+        requests, target = requests[args.shard[0] :: args.shard[1]], _shard_path(target, *args.shard)
     records = _read_records(target)
     done = {_record_key(record): record for record in records}
     todo = [r for r in requests if r.key not in done or (args.retry_errors and "error" in done[r.key])]
     earlier_errors = sum("error" in done[r.key] for r in requests if r.key in done and r not in todo)
-    pipe = load_chat(args) if any(request.error is None for request in todo) else None
+    if args.ray:
+        answered = _answer_on_ray(todo, args)
+    else:
+        pipe = load_chat(args) if any(request.error is None for request in todo) else None
+        answered = (pair for start in range(0, len(todo), args.batch_size)
+                    for pair in _answer_chunk(pipe, todo[start : start + args.batch_size], args))  # fmt: skip
     errors = 0
     with (
         target.open("a", encoding="utf-8") as out,
@@ -181,20 +220,19 @@ def run(args: argparse.Namespace) -> int:
             total=len(requests), initial=len(requests) - len(todo), desc="answering", unit="line", file=sys.stderr
         ) as bar,
     ):
-        for start in range(0, len(todo), args.batch_size):
-            for request, outcome in _answer_chunk(pipe, todo[start : start + args.batch_size], args):
-                record: dict[str, Any] = {"id": request.id, "line": request.line}
-                if isinstance(outcome, str):
-                    record["error"] = outcome
-                    errors += 1
-                    bar.write(f"line {request.line}: {outcome}", file=sys.stderr)
-                else:
-                    record |= outcome.to_dict()
-                record["request_sha256"] = request.sha256
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
-                records.append(record)
-                bar.update(1)
+        for request, outcome in answered:
+            record: dict[str, Any] = {"id": request.id, "line": request.line}
+            if isinstance(outcome, str):
+                record["error"] = outcome
+                errors += 1
+                bar.write(f"line {request.line}: {outcome}", file=sys.stderr)
+            else:
+                record |= outcome if isinstance(outcome, dict) else outcome.to_dict()
+            record["request_sha256"] = request.sha256
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            records.append(record)
+            bar.update(1)
     _rewrite_in_input_order(target, requests, records)
     summary = f"{len(todo)} lines answered ({errors} errors), {len(requests) - len(todo)} already done: {target}"
     if earlier_errors:
@@ -229,6 +267,47 @@ def _answer_group(pipe: VLChat, group: list[Request], args: argparse.Namespace) 
         if len(group) == 1:
             return [(group[0], f"{type(error).__name__}: {error}")]
         return [pair for request in group for pair in _answer_group(pipe, [request], args)]
+
+
+def _answer_on_ray(todo: list[Request], args: argparse.Namespace) -> Iterator[tuple[Request, Any]]:
+    """(request, answer dict or error message) as Ray actors (VLPredictor) finish them, in input order."""
+    from deepseek_vl.distributed import run_ray_batch
+
+    for request in todo:
+        if request.error is not None:
+            yield request, request.error
+    by_line = {request.line: request for request in todo}
+    rows = [(r.line, {"messages": r.messages, "images": r.images, **r.options}) for r in todo if r.error is None]
+    if not rows:
+        return
+    loading = {key: getattr(args, key, None) for key in ("quantize", "adapter") if getattr(args, key, None)}
+    predictor = {"model": args.model, "device": args.device, "dtype": args.dtype, **loading}
+    predictor["exif_transpose"] = args.exif_transpose
+    for record in run_ray_batch(rows, predictor, address=args.ray_address, concurrency=args.concurrency,
+                                batch_size=args.batch_size, num_gpus=args.num_gpus):  # fmt: skip
+        answer = {key: value for key, value in record.items() if key not in ("id", "line")}
+        yield by_line[record["line"]], answer.get("error", answer)
+
+
+def _shard_path(target: Path, index: int, count: int) -> Path:
+    from deepseek_vl.distributed import shard_path
+
+    return shard_path(target, index, count)
+
+
+def _merge(target: Path, requests: list[Request], count: int) -> int:
+    """OUTPUT from the shard outputs, in input order; exit 1 if a shard is missing, a line unanswered or failed."""
+    paths = [_shard_path(target, index, count) for index in range(count)]
+    if missing := [str(path) for path in paths if not path.is_file()]:
+        raise CLIError(f"missing shard outputs {missing}: run every --shard I/{count} first")
+    records = [record for path in paths for record in _read_records(path)]
+    _rewrite_in_input_order(target, requests, records)
+    answered = {_record_key(record): record for record in records}
+    unanswered = [r.line for r in requests if r.key not in answered]
+    failed = [r.line for r in requests if "error" in answered.get(r.key, {})]
+    summary = f"merged {count} shards: {len(requests) - len(unanswered)} of {len(requests)} lines answered"
+    print(f"{summary} ({len(failed)} errors; unanswered lines: {unanswered[:10]}): {target}", file=sys.stderr)
+    return 1 if unanswered or failed else 0
 
 
 def _read_records(target: Path) -> list[dict[str, Any]]:
