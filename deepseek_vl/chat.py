@@ -95,19 +95,24 @@ class VLChat:
         device: str = "auto",
         dtype: str | torch.dtype = "auto",
         progress: bool = True,
+        quantize: str | None = None,
     ) -> VLChat:
         """Load a local checkpoint folder or a Hub repo id (downloaded once, then read from the cache).
 
         device "auto" is cuda when available, else cpu; dtype "auto" is bfloat16 on cuda, float32 on cpu.
         Loading is strict: a missing or mis-shaped weight is an error naming it.
+        ``quantize``: "int8" | "int4" (CPU and CUDA) or "nf4" (CUDA, bitsandbytes) weights for the language model,
+        quantized while loading (see deepseek_vl/quantization.py); dtype "auto" is then bfloat16.
         """
         torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
+        torch_dtype = resolve_dtype("bfloat16" if quantize is not None and dtype == "auto" else dtype, torch_device)
         folder = resolve_model_folder(model)
         with _progress_bars(progress):
             with _warnings_off():  # the released tokenizer_config names a class transformers swaps, with a warning
                 processor = DeepseekVLV2Processor.from_pretrained(folder)
             placement = {} if torch_device.type == "cpu" else {"device_map": str(torch_device)}
+            if quantize is not None:
+                placement["quantize"] = quantize
             network = DeepseekVLV2ForCausalLM.from_pretrained(folder, dtype=torch_dtype, **placement)
         return cls(network.to(torch_device).eval(), processor)
 

@@ -8,19 +8,33 @@ row and a learned ``view_seperator`` between the global and local views, then sc
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import cached_file
 
 from .cache import InPlaceCache
 from .configuration import DeepseekVLV2Config
 from .language import DeepseekV2ForCausalLM
 from .vision import MlpProjector, SiglipVisionTower
+
+
+def saved_quantization(path: str | os.PathLike) -> dict | None:
+    """The ``quantization`` entry that ``save_pretrained`` of a quantized model writes into config.json."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        try:
+            config_file = Path(cached_file(str(path), "config.json"))
+        except OSError:
+            return None  # let from_pretrained report the missing folder or repo
+    return json.loads(config_file.read_text()).get("quantization")
 
 
 def generation_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -59,7 +73,21 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
-        """Load strictly: a missing, unexpected or mis-shaped weight is an error naming it, never a random layer."""
+        """Load strictly: a missing, unexpected or mis-shaped weight is an error naming it, never a random layer.
+
+        ``quantize="int8" | "int4" | "nf4"`` (``quantize_vision=True`` for the vision linears too) quantizes the
+        language model while it loads, tensor by tensor; a folder saved from a quantized model loads as it is.
+        """
+        quantize = kwargs.pop("quantize", None)
+        if quantize is not None or saved_quantization(pretrained_model_name_or_path) is not None:
+            from ..quantization import load_quantized
+
+            return load_quantized(cls, pretrained_model_name_or_path, quantize, **kwargs)
+        kwargs.pop("quantize_vision", None)
+        if kwargs.get("quantization_config") is not None:  # transformers' TorchAoConfig, BitsAndBytesConfig
+            from ..quantization import default_kept_modules
+
+            default_kept_modules(kwargs["quantization_config"])
         want_info = kwargs.pop("output_loading_info", False)
         kwargs["ignore_mismatched_sizes"] = True  # report mis-shaped weights below, by name, instead of a bare error
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)

@@ -1,0 +1,312 @@
+"""Weight-only int8 / int4 / nf4 quantization of DeepSeek-VL2's language model, applied while the weights load.
+
+Decoding is memory-bound: every step reads every dense weight and the chosen experts once, so the bytes per
+weight set the speed. ``int8`` (one scale per output channel) and ``int4`` (asymmetric, one scale and zero per
+group of input channels) run on torch's own weight-only kernels, which read the packed integers directly on
+CPU (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) and CUDA (``_weight_int8pack_mm``, tinygemm's
+``_weight_int4pack_mm``). torchao 0.18's ``Int8WeightOnlyConfig`` converts the whole int8 weight to the
+activation dtype on every call on CPU and its ``Int4WeightOnlyConfig`` has no CPU packing, so neither is faster
+than bf16 there (``benchmarks/bench_quant.py``); its configs stay usable through transformers' ``TorchAoConfig``.
+``nf4`` is bitsandbytes' 4-bit NormalFloat (CUDA), the base of QLoRA.
+
+Quantized: the decoder layers' linears (attention projections, dense MLPs, shared and routed experts).
+Kept in the model dtype: the vision tower and projector (unless ``quantize_vision``), router gates (top-k
+choices are fragile), embeddings, ``lm_head``, norms, and ``kv_b_proj``, whose weight the absorbed MLA decode
+reads per head (0.4% of Small's parameters).
+
+Letters: N output features, K input features, G = K / group_size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODES = ("int8", "int4", "nf4")
+INT4_GROUP_SIZES = (128, 64, 32)  # the CPU kernel accepts 32..256; the largest that divides K is used
+LANGUAGE_LINEAR = re.compile(r"language\.model\.layers\.\d+\.(self_attn\.(?!kv_b_proj)\w+|mlp\.(experts\.\d+\.|shared_experts\.)?\w+_proj)$")
+VISION_LINEAR = re.compile(r"(vision\.blocks\.\d+\.(attn|mlp)\.\w+|projector\.layers\.\d+)$")
+# The same choice for transformers' own quantizers (TorchAoConfig, BitsAndBytesConfig) that leave it open.
+KEEP_UNQUANTIZED = ["vision", "projector", "language.lm_head", r".*\.kv_b_proj"]
+
+
+class Int8Linear(nn.Module):
+    """``x @ W.T`` with W as int8, one scale per output channel (symmetric); the kernel reads the int8 bytes."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
+
+    @torch.no_grad()
+    def set_weight(self, w: torch.Tensor) -> None:
+        w = w.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
+        self.weight = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+        self.weight_scale = scale.to(self.weight_scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.weight_scale.to(x.dtype))
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
+
+
+class Int4Linear(nn.Module):
+    """``x @ W.T`` with W as 4-bit groups: ``w = (q - 8) * scale + zero`` per group of ``group_size`` inputs.
+
+    In memory the weight is in the device kernel's packed layout; ``state_dict`` holds the portable form
+    (``weight``: uint8 (N, K/2), even column in the low nibble; ``weight_scale_zero``: (G, N, 2)).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = int4_group_size(in_features)
+        groups = in_features // self.group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("weight_scale_zero", torch.empty(groups, out_features, 2, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
+
+    @torch.no_grad()
+    def set_weight(self, w: torch.Tensor) -> None:
+        n, k = w.shape
+        groups = w.float().view(n, k // self.group_size, self.group_size)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-12)  # (N, G)
+        q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).view(n, k).to(torch.int32)
+        self.weight = pack_int4(q)
+        zero = low + 8 * scale
+        self.weight_scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(self.weight_scale_zero.dtype)
+
+    def set_portable(self, plain: torch.Tensor, scale_zero: torch.Tensor) -> None:
+        self.weight = pack_int4(unpack_plain(plain).to(torch.int32))
+        self.weight_scale_zero = scale_zero.to(self.weight_scale_zero.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        scale_zero = self.weight_scale_zero.to(x.dtype)
+        if x.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, scale_zero)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, scale_zero)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = unpack_int4(self.weight, self.out_features, self.in_features)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        key = prefix + "weight"
+        if key in state_dict:  # the portable form, packed for this device's kernel before the copy
+            plain = state_dict[key].to(self.weight.device)
+            state_dict = {**state_dict, key: pack_int4(unpack_plain(plain).to(torch.int32))}
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}"
+
+
+def int4_group_size(in_features: int) -> int:
+    for size in INT4_GROUP_SIZES:
+        if in_features % size == 0:
+            return size
+    raise ValueError(f"int4 needs in_features divisible by 32, got {in_features}")
+
+
+def unpack_plain(plain: torch.Tensor) -> torch.Tensor:
+    """Portable (N, K/2) uint8 -> (N, K) values 0..15."""
+    return torch.stack([plain & 15, plain >> 4], -1).view(plain.shape[0], -1)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) int32 in 0..15 -> the device kernel's packed uint8 layout."""
+    if q.is_cuda:
+        plain = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)  # tinygemm wants the even column high
+        return torch.ops.aten._convert_weight_to_int4pack(plain, 8)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+
+
+def unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The kernel layout back to the portable (N, K/2) uint8 form, whatever layout this machine's kernel uses."""
+    nibbles = torch.stack([packed.flatten() & 15, packed.flatten() >> 4], -1).flatten().cpu()  # by packed slot
+    q = torch.empty(n * k, dtype=torch.uint8)
+    q[int4_layout(n, k, packed.device.type)] = nibbles
+    q = q.view(n, k)
+    return (q[:, 0::2] | q[:, 1::2] << 4).contiguous()
+
+
+@lru_cache(maxsize=4)
+def int4_layout(n: int, k: int, device: str) -> torch.Tensor:
+    """For each nibble slot of the packed weight, the flat (N*K) index it holds: found by packing the index digits."""
+    index = torch.arange(n * k, dtype=torch.int64)
+    layout = torch.zeros(n * k, dtype=torch.int64)
+    for digit in range(math.ceil(math.log(n * k, 16))):
+        plane = ((index >> (4 * digit)) & 15).view(n, k).to(torch.int32).to(device)
+        packed = pack_int4(plane).flatten().cpu()
+        layout |= torch.stack([packed & 15, packed >> 4], -1).flatten().long() << (4 * digit)
+    return layout
+
+
+def nf4_linear(linear_shape: tuple[int, int], bias: bool, dtype: torch.dtype):
+    try:
+        import bitsandbytes as bnb
+    except ImportError as error:
+        raise ImportError("--quantize nf4 needs bitsandbytes: pip install bitsandbytes (and a CUDA GPU)") from error
+    n, k = linear_shape
+    return bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=dtype, quant_type="nf4", device="meta")
+
+
+def default_kept_modules(quantization_config) -> None:
+    """Fill ``modules_to_not_convert`` of a transformers quantization config the user left unset."""
+    if getattr(quantization_config, "modules_to_not_convert", False) is None:
+        quantization_config.modules_to_not_convert = list(KEEP_UNQUANTIZED)
+
+
+def is_quantized_target(name: str, quantize_vision: bool) -> bool:
+    return bool(LANGUAGE_LINEAR.search(name) or (quantize_vision and VISION_LINEAR.search(name)))
+
+
+def check_mode(mode: str, device: torch.device) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown quantize mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode == "nf4" and device.type != "cuda":
+        raise ValueError(
+            "nf4 (bitsandbytes) runs on CUDA GPUs only; on this device use quantize='int8' or 'int4' "
+            "(--quantize int8|int4), which have CPU kernels"
+        )
+
+
+def replace_linears(model: nn.Module, mode: str, dtype: torch.dtype, quantize_vision: bool) -> list[str]:
+    """Swap the targeted nn.Linear modules (still on meta) for quantized shells; returns their names."""
+    names = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or not is_quantized_target(name, quantize_vision):
+            continue
+        if mode == "int4" and (module.in_features % 32 or module.out_features % 16):
+            continue  # no int4 kernel for this shape (vision fc2: 4304 inputs): kept in the model dtype
+        n, k, bias = module.out_features, module.in_features, module.bias is not None
+        if mode == "nf4":
+            new = nf4_linear((n, k), bias, dtype)
+        else:
+            new = (Int8Linear if mode == "int8" else Int4Linear)(k, n, bias, dtype, device="meta")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+        names.append(name)
+    return names
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    raise FileNotFoundError(f"no model.safetensors(.index.json) in {folder}: quantized loading reads safetensors only")
+
+
+def load_quantized(
+    cls,
+    path: str | os.PathLike,
+    quantize: str | None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | torch.device | None = None,
+    quantize_vision: bool = False,
+    attn_implementation: str | None = None,
+    **unused,
+):
+    """Build on the meta device, then read one tensor at a time and quantize each targeted Linear as it arrives.
+
+    Peak memory is the quantized model plus one tensor (and its fp32 copy while it is quantized): the model is
+    never materialised in full precision. A folder saved from a quantized model (``config.quantization``)
+    loads its integers as they are, without quantizing again.
+    """
+    from safetensors import safe_open
+
+    folder = Path(path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"]))
+    config = cls.config_class.from_pretrained(folder)
+    saved = getattr(config, "quantization", None)
+    if saved is not None:
+        if quantize not in (None, saved["mode"]):
+            raise ValueError(f"{folder} holds {saved['mode']} weights; load it without quantize= or with '{saved['mode']}'")
+        quantize, quantize_vision = saved["mode"], saved.get("vision", False)
+    device = torch.device(device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else "cpu")
+    check_mode(quantize, device)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype) if dtype != "auto" else None
+    dtype = dtype or torch.bfloat16
+    with torch.device("meta"):
+        model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    names = replace_linears(model, quantize, dtype, quantize_vision)
+    expected = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
+    if saved is None:  # a full-precision checkpoint: one weight per quantized Linear, scales are computed here
+        expected = {key for key in expected if not key.endswith((".weight_scale", ".weight_scale_zero"))}
+    pending_int4: dict[str, dict[str, torch.Tensor]] = {}
+    seen, unexpected = set(), []
+    for file in checkpoint_files(folder):
+        with safe_open(str(file), framework="pt", device=str(device)) as shard:
+            for key in shard.keys():
+                if key not in expected:
+                    unexpected.append(key)
+                    continue
+                seen.add(key)
+                place_tensor(model, key, shard.get_tensor(key), dtype, saved is not None, pending_int4)
+    missing = sorted(expected - seen)
+    if missing or unexpected:
+        raise ValueError(
+            f"The checkpoint at {path} does not match the DeepSeek-VL2 architecture of its config.json: missing "
+            f"{missing[:10]}, unexpected {sorted(unexpected)[:10]}. Check that all shards are there."
+        )
+    model.config.quantization = {"mode": quantize, "vision": quantize_vision, "modules": len(names)}
+    model.quantized_modules = names
+    return model.eval()
+
+
+def place_tensor(model: nn.Module, key: str, tensor: torch.Tensor, dtype, prequantized: bool, pending: dict) -> None:
+    """Put one checkpoint tensor into the meta-built model: quantize it if it is a targeted Linear's weight."""
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if isinstance(owner, (Int8Linear, Int4Linear)) and attr.startswith("weight"):
+        if not prequantized:
+            owner.set_weight(tensor)
+        elif isinstance(owner, Int8Linear):
+            setattr(owner, attr, tensor if attr == "weight" else tensor.to(dtype))
+        else:  # int4: pack once both halves have arrived (they may sit in different shards)
+            parts = pending.setdefault(owner_name, {})
+            parts[attr] = tensor
+            if len(parts) == 2:
+                owner.set_portable(parts.pop("weight"), parts.pop("weight_scale_zero"))
+        return
+    if type(owner).__name__ == "Linear4bit" and attr == "weight":
+        import bitsandbytes as bnb  # nf4: Params4bit quantizes when it moves to the GPU
+
+        owner.weight = bnb.nn.Params4bit(tensor.to(dtype).cpu(), requires_grad=False, quant_type="nf4").to(tensor.device)
+        return
+    value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    if isinstance(getattr(owner, attr), nn.Parameter):
+        value = nn.Parameter(value, requires_grad=False)
+    setattr(owner, attr, value)
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers, as stored in memory."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
