@@ -192,3 +192,21 @@ def test_end_to_end_on_the_golden_checkpoint(tmp_path: Path, load_model, capsys)
         assert prediction["score"] == vqa_accuracy(expected.text, record["answers"])
     assert printed["samples"] == 2 and printed["errors"] == 0
     assert printed["score"] == sum(p["score"] for p in predictions) / 2
+
+    # the continuous-batching engine gives the same answers
+    engine = eval_cli.evaluate("vqa", data, model=TINY, device="cpu", output_dir=tmp_path / "engine", max_new_tokens=4,
+                               engine=True)  # fmt: skip
+    assert engine["answered_by"] == "engine" and engine["score"] == printed["score"]
+    by_engine = [json.loads(line) for line in (tmp_path / "engine" / "vqa_predictions.jsonl").read_text().splitlines()]
+    assert [p["answer"] for p in by_engine] == [p["answer"] for p in predictions]
+
+
+def test_eval_is_a_command_and_builds_its_parser_without_torch() -> None:
+    import subprocess
+    import sys
+
+    from deepseek_vl.serve.cli import SUBCOMMANDS
+
+    assert SUBCOMMANDS["eval"] == "deepseek_vl.eval.cli:add_parser"
+    code = "import sys; from deepseek_vl.serve.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -46,6 +46,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-new-tokens", type=_positive_int, metavar="N", help="longest answer (default: 64 for every task)"
     )
+    parser.add_argument(
+        "--engine", action="store_true",
+        help="answer through the continuous-batching engine (--batch-size rows at once) instead of fixed batches",
+    )  # fmt: skip
     parser.add_argument("--ray", action="store_true", help="answer on a Ray cluster (pip install '.[distributed]')")
     parser.add_argument("--ray-address", metavar="ADDR", help="an existing cluster (default: start a local one)")
     parser.add_argument("--concurrency", type=_positive_int, default=1, metavar="N", help="Ray model replicas")
@@ -64,7 +68,8 @@ def run_eval(args: argparse.Namespace) -> int:
     summary = evaluate(
         args.task, Path(args.data), model=args.model, device=args.device, dtype=args.dtype, limit=args.limit,
         output_dir=Path(args.output_dir), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        ray=args.ray, ray_address=args.ray_address, concurrency=args.concurrency, num_gpus=args.num_gpus,
+        engine=args.engine, ray=args.ray, ray_address=args.ray_address, concurrency=args.concurrency,
+        num_gpus=args.num_gpus, loading={key: getattr(args, key, None) for key in ("quantize", "adapter")},
     )  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
@@ -81,12 +86,16 @@ def evaluate(
     output_dir: Path = Path("eval_results"),
     batch_size: int = 8,
     max_new_tokens: int | None = None,
+    engine: bool = False,
     ray: bool = False,
     ray_address: str | None = None,
     concurrency: int = 1,
     num_gpus: float = 0,
+    loading: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Answer and score every sample; returns the summary (also written to OUTPUT_DIR/TASK_summary.json)."""
+    """Answer and score every sample; returns the summary (also written to OUTPUT_DIR/TASK_summary.json).
+
+    `loading` holds `quantize` / `adapter` for the model, as `VLChat.from_pretrained`."""
     from tqdm import tqdm
 
     from deepseek_vl.eval.tasks import TASKS
@@ -114,8 +123,10 @@ def evaluate(
     started = time.perf_counter()
     answers: dict[int, dict[str, Any]] = {}
     with tqdm(total=len(rows), desc=f"eval {task_name}", unit="sample", file=sys.stderr) as bar:
-        for line, answer in _answer(rows, model, device, dtype, tokens, batch_size, ray, ray_address,
-                                    concurrency, num_gpus):  # fmt: skip
+        predictor = {"model": model, "device": device, "dtype": dtype, "max_new_tokens": tokens}
+        predictor |= {key: value for key, value in (loading or {}).items() if value is not None}
+        way = "ray" if ray else "engine" if engine else "batches"
+        for line, answer in _answer(rows, predictor, way, batch_size, ray_address, concurrency, num_gpus):
             answers[line] = answer
             bar.update(1)
     seconds = time.perf_counter() - started
@@ -145,26 +156,51 @@ def evaluate(
     summary = {
         "task": task_name, "metric": task.metric, "score": sum(scores) / len(scores) if scores else None,
         "samples": len(samples), "errors": errors, "unparsed_answers": unparsed, "model": model, "data": str(data),
-        "max_new_tokens": tokens, "seconds": round(seconds, 2), "predictions": str(predictions),
+        "max_new_tokens": tokens, "answered_by": way, "seconds": round(seconds, 2), "predictions": str(predictions),
     }  # fmt: skip
     (output_dir / f"{task_name}_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 
-def _answer(rows, model, device, dtype, max_new_tokens, batch_size, ray, ray_address, concurrency, num_gpus):
-    """(line, answer record) pairs: through VLChat's batched generation here, or VLPredictor actors on Ray."""
+def _answer(rows, predictor, way, batch_size, ray_address, concurrency, num_gpus):
+    """(line, answer record) pairs: VLChat's fixed batches, the continuous-batching engine, or Ray actors."""
     from deepseek_vl.distributed import VLPredictor, run_ray_batch
 
-    if ray:
-        kwargs = {"model": model, "device": device, "dtype": dtype, "max_new_tokens": max_new_tokens}
-        for record in run_ray_batch(rows, kwargs, address=ray_address, concurrency=concurrency,
+    if way == "ray":
+        for record in run_ray_batch(rows, predictor, address=ray_address, concurrency=concurrency,
                                     batch_size=batch_size, num_gpus=num_gpus):  # fmt: skip
             yield record["line"], record
         return
     if not rows:
         return
-    predictor = VLPredictor(model, device=device, dtype=dtype, max_new_tokens=max_new_tokens)
+    local = VLPredictor(**predictor)
+    if way == "engine":
+        yield from _answer_on_engine(rows, local, batch_size)
+        return
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        for (line, _), record in zip(chunk, predictor.answer_rows([row for _, row in chunk])):
+        for (line, _), record in zip(chunk, local.answer_rows([row for _, row in chunk])):
             yield line, record
+
+
+def _answer_on_engine(rows, local, max_rows):
+    """Every sample submitted at once; the engine keeps `max_rows` generating and refills a row as one finishes."""
+    from deepseek_vl.engine import Engine
+
+    engine = Engine(local.pipe, max_rows=max_rows)
+    engine.start()
+    try:
+        handles = []
+        for line, row in rows:
+            try:
+                messages = [{"role": "user", "content": row["prompt"]}]
+                handles.append((line, engine.submit(messages, row["images"], **local.defaults)))
+            except Exception as error:  # noqa: BLE001 - a sample that cannot be prepared is recorded, not fatal
+                handles.append((line, f"{type(error).__name__}: {error}"))
+        for line, handle in handles:
+            try:
+                yield line, {"error": handle} if isinstance(handle, str) else handle.wait().to_dict()
+            except Exception as error:  # noqa: BLE001
+                yield line, {"error": f"{type(error).__name__}: {error}"}
+    finally:
+        engine.stop()
