@@ -17,16 +17,16 @@ from deepseek_vl.models import DeepseekVLV2Processor
 from golden import GOLDEN, checkpoint
 
 IMAGES = GOLDEN / "images"
-GIRAFFES = str(IMAGES / "visual_grounding_1.jpeg")
+PICTURE = str(IMAGES / "rgba_500x400.png")
 
 # (conversation, max_new_tokens): short and long prompts, none, one and two images, different answer lengths
 REQUESTS = [
     ([{"role": "user", "content": "Hello!"}], 9),
-    ([{"role": "user", "content": "Describe this.", "images": [GIRAFFES]}], 4),
+    ([{"role": "user", "content": "Describe this.", "images": [PICTURE]}], 4),
     ([{"role": "user", "content": "Tell me a story about a fox. " * 12}], 6),
-    ([{"role": "user", "content": "Compare.", "images": [str(IMAGES / "tiny_8x8.png"), str(IMAGES / "wide_2000x120.png")]}], 11),
+    ([{"role": "user", "content": "Compare.", "images": [str(IMAGES / "tiny_8x8.png"), str(IMAGES / "gray_300x200.png")]}], 11),
     ([{"role": "user", "content": "What is two plus two?"}], 2),
-    ([{"role": "user", "content": "A", "images": [str(IMAGES / "gray_300x200.png")]}], 7),
+    ([{"role": "user", "content": "A", "images": [str(IMAGES / "tiny_8x8.png")]}], 7),
 ]
 
 
@@ -127,7 +127,7 @@ def test_cancel_mid_batch_frees_slot_and_cache(tiny: VLChat):
 def test_caches_on_and_off_give_the_same_answers(pipe_for, variant: str):
     """A second turn about the same image reuses its features and the first turn's cache, with the same tokens."""
     chat = pipe_for(variant)
-    first = [{"role": "user", "content": "What is in this image?", "images": [GIRAFFES]}]
+    first = [{"role": "user", "content": "What is in this image?", "images": [PICTURE]}]
     cached = Engine(chat, max_rows=2)
     plain = Engine(chat, max_rows=2, vision_cache_bytes=0, prefix_cache_bytes=0)
     answers = {}
@@ -137,7 +137,7 @@ def test_caches_on_and_off_give_the_same_answers(pipe_for, variant: str):
         two = engine.generate([second], max_new_tokens=6)[0]
         answers[name] = (one.token_ids, two.token_ids)
     assert answers["cached"] == answers["plain"]
-    assert cached.runner.vision_cache.hits == 1
+    assert cached.runner.vision_cache.hits >= 2  # the image's tiles and its features
     assert cached.runner.prefix_cache.hits == 1 and cached.runner.prefix_cache.reused_tokens > 100
 
 

@@ -12,6 +12,7 @@ image loading and tiling) on the caller's thread; the engine thread owns the mod
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 import time
@@ -88,6 +89,10 @@ class Engine:
         self.chat = chat
         self.scheduler = Scheduler(max_rows, prefill_budget)
         self.runner = ModelRunner(chat.model, max_rows, vision_cache_bytes, prefix_cache_bytes)
+        if vision_cache_bytes:  # the images' tiles are kept too, by a processor of this engine's own
+            self.chat = copy.copy(chat)
+            self.chat.processor = copy.copy(chat.processor)
+            self.chat.processor.tile_cache = self.runner.vision_cache
         self.metrics = metrics
         self.eos = chat.tokenizer.eos_token_id
         self.cond = threading.Condition()

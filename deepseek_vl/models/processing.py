@@ -13,6 +13,7 @@ bool after padding, and invalid inputs raise a `ValueError` that says what to fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -139,6 +140,10 @@ class DeepseekVLV2Processor:
     A plain class rather than a transformers `ProcessorMixin`: the official processor_config.json does not follow
     ProcessorMixin's conventions, and everything it needs is a tokenizer plus the settings below.
     """
+
+    # Set by the serving engine: an LRU map ``get(key)``/``put(key, value, nbytes)`` reusing the tiles of an image
+    # sent again (the next turn of a conversation); None tiles every image.
+    tile_cache: Any = None
 
     def __init__(
         self,
@@ -336,6 +341,16 @@ class DeepseekVLV2Processor:
 
     def _tile(self, image: Image.Image, cropping: bool) -> tuple[torch.Tensor, tuple[int, int]]:
         """Return the [1 + w*h, 3, S, S] tiles of one image and its (w, h) tile grid."""
+        if self.tile_cache is None or image.width == 0 or image.height == 0:
+            return self._tile_image(image, cropping)
+        key = (hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest(), image.mode, image.size, cropping)
+        tiles = self.tile_cache.get(key)
+        if tiles is None:
+            tiles = self._tile_image(image, cropping)
+            self.tile_cache.put(key, tiles, tiles[0].nbytes)
+        return tiles
+
+    def _tile_image(self, image: Image.Image, cropping: bool) -> tuple[torch.Tensor, tuple[int, int]]:
         if image.width == 0 or image.height == 0:
             raise ValueError(f"An image is empty ({image.width}x{image.height} pixels); pass images with pixels.")
         if image.mode != "RGB":  # RGBA, L, P, I;16, ... as load_image converts them (16-bit scaled, not clipped)
