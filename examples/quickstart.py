@@ -1,6 +1,6 @@
 """The model card's simple inference example, runnable on CPU or GPU.
 
-    python examples/quickstart.py --model deepseek-ai/deepseek-vl2-tiny --image images/visual_grounding.jpeg
+    python examples/quickstart.py --model deepseek-ai/deepseek-vl2-tiny --image ../shared/golden/images/visual_grounding_1.jpeg
 """
 
 import argparse

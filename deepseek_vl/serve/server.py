@@ -494,5 +494,10 @@ def run(args: argparse.Namespace) -> int:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
-    Server(config).run()
-    return 0
+    server = Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down
+        pass
+    print("deepseek-vl2: server stopped", file=sys.stderr)
+    return 130 if server.force_exit else 0
