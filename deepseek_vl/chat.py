@@ -95,15 +95,19 @@ class VLChat:
         device: str = "auto",
         dtype: str | torch.dtype = "auto",
         progress: bool = True,
+        adapter: str | os.PathLike | None = None,
         quantize: str | None = None,
     ) -> VLChat:
         """Load a local checkpoint folder or a Hub repo id (downloaded once, then read from the cache).
 
         device "auto" is cuda when available, else cpu; dtype "auto" is bfloat16 on cuda, float32 on cpu.
-        Loading is strict: a missing or mis-shaped weight is an error naming it.
+        Loading is strict: a missing or mis-shaped weight is an error naming it. ``adapter``: a LoRA adapter
+        folder from ``deepseek-vl2 finetune`` (needs peft), merged into the weights once, so it costs no speed.
         ``quantize``: "int8" | "int4" (CPU and CUDA) or "nf4" (CUDA, bitsandbytes) weights for the language model,
         quantized while loading (see deepseek_vl/quantization.py); dtype "auto" is then bfloat16.
         """
+        if quantize is not None and adapter is not None:
+            raise ValueError("adapter and quantize together: merge the adapter first (deepseek-vl2 merge), then quantize")
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype("bfloat16" if quantize is not None and dtype == "auto" else dtype, torch_device)
         folder = resolve_model_folder(model)
@@ -114,6 +118,10 @@ class VLChat:
             if quantize is not None:
                 placement["quantize"] = quantize
             network = DeepseekVLV2ForCausalLM.from_pretrained(folder, dtype=torch_dtype, **placement)
+        if adapter is not None:
+            from deepseek_vl.train.merge import merge_adapter
+
+            network = merge_adapter(network, adapter)
         return cls(network.to(torch_device).eval(), processor)
 
     @property

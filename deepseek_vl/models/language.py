@@ -314,8 +314,11 @@ class MoEGate(nn.Module):
         if config.topk_method == "noaux_tc":
             self.e_score_correction_bias = nn.Parameter(torch.zeros(config.n_routed_experts))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.select(self.scores(x))
+    def forward(self, x: torch.Tensor, return_scores: bool = False) -> tuple[torch.Tensor, ...]:
+        """(idx, weight), plus the scores for the balance loss in training (through forward, so that a
+        wrapped trainable copy of the router, as peft's modules_to_save makes, is the one that runs)."""
+        scores = self.scores(x)
+        return (*self.select(scores), scores) if return_scores else self.select(scores)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """(N, E) routing scores of the tokens of x (..., D), in fp32."""
@@ -418,8 +421,7 @@ class DeepseekV2MoE(nn.Module):
         x: (B, T, D); token_mask (B, T) marks real tokens (None: all). The returned value is unchanged by the
         auxiliary loss, as in the official code: the loss reported stays the language-model loss.
         """
-        scores = self.gate.scores(x)  # (N, E)
-        idx, weight = self.gate.select(scores)
+        idx, weight, scores = self.gate(x, return_scores=True)  # scores: (N, E)
         y = self.routed_all_experts(x.reshape(-1, x.shape[-1]), idx, weight).view_as(x)
         if self.gate.config.aux_loss_alpha > 0:
             if token_mask is None:
@@ -613,13 +615,25 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         hidden = out.last_hidden_state
-        if logits_to_keep and labels is None:
-            hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden).float()
         loss = None
         if labels is not None:
-            # Next-token mean cross-entropy; labels are the input ids with -100 where ignored.
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device)
-            )
+            loss = self.next_token_loss(hidden, labels, kwargs.get("num_items_in_batch"))
+        if logits_to_keep and labels is None:
+            hidden = hidden[:, -logits_to_keep:]
+        # Training with labels skips the (B, T, vocab) fp32 logits: only the loss is needed.
+        logits = None if self.training and labels is not None else self.lm_head(hidden).float()
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
+
+    def next_token_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """Next-token cross-entropy over the labelled positions (labels -100 elsewhere), the LM head run on those only.
+
+        The mean over them, or their sum over ``num_items_in_batch`` (transformers.Trainer's count of label tokens
+        in the whole accumulated, all-process batch), which makes accumulation and data parallelism exact.
+        """
+        targets = labels[:, 1:].to(hidden.device)
+        keep = targets != -100
+        logits = self.lm_head(hidden[:, :-1][keep]).float()  # (labelled tokens, vocab)
+        total = F.cross_entropy(logits, targets[keep], reduction="sum")
+        return total / (keep.sum() if num_items_in_batch is None else num_items_in_batch)

@@ -131,6 +131,8 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
         tiles = torch.cat([images[b, : sum(1 + w * h for w, h in row)] for b, row in enumerate(crops)])
         features = self.encode_tiles(tiles)  # (tiles, h*w, D)
         mask = images_seq_mask.bool()
+        if embeds.is_leaf and embeds.requires_grad:  # made so by peft's input hook under gradient checkpointing
+            embeds = embeds.clone()  # the rows below are written in place
         start = 0
         for b, row in enumerate(crops):
             if not row:
@@ -204,6 +206,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             logits_to_keep=logits_to_keep,
+            num_items_in_batch=kwargs.get("num_items_in_batch"),  # transformers.Trainer's loss normaliser
         )
 
     @torch.no_grad()

@@ -40,6 +40,15 @@ class SiglipVisionTower(VisionTransformer):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.forward_features(pixel_values)
 
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """The flag transformers' ``gradient_checkpointing_enable`` sets: it drives timm's per-block checkpointing."""
+        return self.grad_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enable: bool) -> None:
+        self.set_grad_checkpointing(enable)
+
 
 class MlpProjector(nn.Module):
     """Maps vision features to language embeddings; ``downsample_mlp_gelu`` merges 2x2 patches first."""

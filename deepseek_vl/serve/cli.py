@@ -180,6 +180,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )  # fmt: skip
     group.add_argument(
+        "--adapter", default=None, metavar="FOLDER",
+        help="a LoRA adapter folder from 'deepseek-vl2 finetune', merged into the model's weights at load",
+    )  # fmt: skip
+    group.add_argument(
         "--quantize", default=None, choices=["int8", "int4", "nf4"], metavar="MODE",
         help="int8 or int4 weights for the language model (CPU and CUDA; half / a quarter of the bytes, faster "
         "decoding), nf4 (CUDA, needs bitsandbytes); quantized while loading, --dtype auto becomes bfloat16",
@@ -264,7 +268,9 @@ def load_chat(args: argparse.Namespace) -> VLChat:
     quantized = getattr(args, "quantize", None) is not None
     dtype = resolve_dtype("bfloat16" if quantized and args.dtype == "auto" else args.dtype, device)
     print(f"Loading {args.model} on {device} ({str(dtype).removeprefix('torch.')})...", file=sys.stderr, flush=True)
-    return VLChat.from_pretrained(args.model, device=device, dtype=dtype, quantize=getattr(args, "quantize", None))
+    return VLChat.from_pretrained(
+        args.model, device=device, dtype=dtype, adapter=getattr(args, "adapter", None), quantize=getattr(args, "quantize", None)
+    )
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:

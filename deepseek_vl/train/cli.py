@@ -1,0 +1,162 @@
+"""``deepseek-vl2 finetune`` and ``deepseek-vl2 merge``: argument parsing only; the work is in trainer.py/merge.py.
+
+Nothing heavy is imported until a command runs, so ``deepseek-vl2 --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+
+METHODS = ("lora", "qlora", "full")
+
+
+def add_finetune_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "finetune",
+        help="fine-tune on your conversations (LoRA, QLoRA or full)",
+        description="Fine-tune DeepSeek-VL2 on a JSONL file of conversations (one per line; see the README's\n"
+        "fine-tuning section for the row format, grounding boxes included). Saves a LoRA adapter (or, with\n"
+        "--method full, a full checkpoint) and the processor to --output; checkpoints every --save-steps.",
+        epilog="examples:\n"
+        "  deepseek-vl2 finetune --model deepseek-ai/deepseek-vl2-tiny --data train.jsonl --validate\n"
+        "  deepseek-vl2 finetune --model deepseek-ai/deepseek-vl2-tiny --data train.jsonl --eval-data val.jsonl "
+        "--output out/\n"
+        "  torchrun --nproc-per-node 4 -m deepseek_vl finetune --model ... --data train.jsonl --output out/\n"
+        "  deepseek-vl2 generate 'Describe this.' -i photo.jpg --adapter out/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", default="deepseek-ai/deepseek-vl2-tiny", help="base model: Hub id or folder")
+    parser.add_argument("--data", required=True, metavar="JSONL", help="training conversations, one JSON per line")
+    parser.add_argument("--eval-data", metavar="JSONL", help="held-out conversations for the eval loss")
+    parser.add_argument("--output", default="out", metavar="FOLDER", help="where the adapter/model and checkpoints go")
+    parser.add_argument("--method", choices=METHODS, default="lora", help="lora (default), qlora (CUDA), full")
+    parser.add_argument("--validate", action="store_true", help="check every row and print token statistics; no training")
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in --output, or from the given checkpoint-N folder",
+    )  # fmt: skip
+    train = parser.add_argument_group("training")
+    train.add_argument("--epochs", type=float, default=1.0)
+    train.add_argument("--max-steps", type=int, default=-1, help="stop after N optimizer steps (overrides --epochs)")
+    train.add_argument("--batch-size", type=int, default=1, help="conversations per device and step")
+    train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    train.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 LoRA, 1e-5 full)")
+    train.add_argument("--max-length", type=int, default=None, help="refuse conversations longer than N tokens")
+    train.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, much more memory")
+    train.add_argument("--logging-steps", type=int, default=10)
+    train.add_argument("--eval-steps", type=int, default=None, help="default: --save-steps")
+    train.add_argument("--save-steps", type=int, default=500)
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                       help="base weights; auto = bf16 for LoRA on a GPU, else float32")  # fmt: skip
+    lora = parser.add_argument_group("what trains")
+    lora.add_argument("--lora-rank", type=int, default=16)
+    lora.add_argument("--lora-alpha", type=int, default=32)
+    lora.add_argument("--lora-dropout", type=float, default=0.05)
+    lora.add_argument("--lora-experts", action="store_true", help="LoRA on every routed expert too (many params)")
+    lora.add_argument("--train-router", action="store_true", help="train the MoE routers")
+    lora.add_argument("--lora-vision", action="store_true", help="LoRA on the vision tower's blocks")
+    lora.add_argument("--train-vision", action="store_true", help="train the vision tower fully")
+    lora.add_argument("--train-projector", action="store_true", help="train the vision-language projector")
+    parser.set_defaults(handler=finetune_command)
+
+
+def add_merge_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        help="fold a LoRA adapter into its base model: a full checkpoint folder",
+        description="Write base model + LoRA adapter as a full checkpoint with the official weight names and\n"
+        "config (loads unchanged here and in the official code). The merge runs in float32.",
+        epilog="example:\n  deepseek-vl2 merge --adapter out/ --output merged/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--adapter", required=True, metavar="FOLDER", help="the --output folder of finetune")
+    parser.add_argument("--output", required=True, metavar="FOLDER", help="new folder for the merged checkpoint")
+    parser.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="saved weights; auto = the base checkpoint's dtype")  # fmt: skip
+    parser.set_defaults(handler=merge_command)
+
+
+def require_peft() -> None:
+    if importlib.util.find_spec("peft") is None:
+        raise ValueError("fine-tuning needs peft: pip install 'deepseek-vl2[train]'")
+
+
+def finetune_command(args: argparse.Namespace) -> int:
+    require_peft()
+    from deepseek_vl.train.data import read_jsonl
+    from deepseek_vl.train.lora import TrainableParts
+
+    if args.lora_vision and args.train_vision:
+        raise ValueError("choose one of --lora-vision and --train-vision")
+    train = read_jsonl(args.data)
+    evaluation = read_jsonl(args.eval_data) if args.eval_data else None
+    if args.validate:
+        return validate_command(args, train, evaluation)
+
+    from deepseek_vl.train.trainer import FinetuneConfig, finetune, format_summary
+
+    config = FinetuneConfig(
+        model=args.model, output=args.output, method=args.method,
+        parts=TrainableParts(args.lora_experts, args.train_router, args.lora_vision, args.train_vision,
+                             args.train_projector),
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        learning_rate=args.lr if args.lr is not None else (1e-5 if args.method == "full" else 2e-4),
+        max_length=args.max_length, gradient_checkpointing=not args.no_gradient_checkpointing,
+        logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps, seed=args.seed,
+        dtype=args.dtype, resume=args.resume,
+    )  # fmt: skip
+    print(f"Fine-tuning {args.model} ({args.method}) on {len(train)} conversations from {args.data}", file=sys.stderr)
+    summary = finetune(config, train, evaluation)
+    print(format_summary(summary, args.output))
+    return 0
+
+
+def validate_command(args: argparse.Namespace, train: list, evaluation: list | None) -> int:
+    """Process every row as training would, report all problems and the token-length statistics."""
+    from deepseek_vl.chat import resolve_model_folder
+    from deepseek_vl.models import DeepseekVLV2Processor
+    from deepseek_vl.train.collate import Collator
+
+    processor = DeepseekVLV2Processor.from_pretrained(resolve_model_folder(args.model))
+    collator = Collator(processor, args.max_length)
+    problems = []
+    for name, examples in (("train", train), ("eval", evaluation or [])):
+        lengths, labels, images = [], 0, 0
+        for example in examples:
+            try:
+                sample = collator.sample(example)
+            except ValueError as error:  # too long, unreadable image, ...
+                text = str(error)
+                problems.append(text if text.startswith(example.source) else f"{example.source}:{example.line}: {text}")
+                continue
+            lengths.append(len(sample))
+            labels += int((sample.target_ids[1:] != processor.ignore_id).sum())
+            images += len(example.images)
+        if lengths:
+            print(
+                f"{name}: {len(lengths)} conversations, {images} images, tokens per conversation min {min(lengths)} "
+                f"median {statistics.median(lengths):.0f} max {max(lengths)}, {sum(lengths):,} tokens, "
+                f"{labels:,} answer (label) tokens"
+            )
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} row(s) would fail; fix them before training", file=sys.stderr)
+        return 2
+    print("all rows are valid")
+    return 0
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    require_peft()
+    from deepseek_vl.train.merge import merge_to_checkpoint
+
+    output = merge_to_checkpoint(args.adapter, args.output, model=args.model, dtype=args.dtype)
+    print(f"merged checkpoint written to {output}")
+    return 0

@@ -1,0 +1,235 @@
+"""Fine-tuning data: JSONL conversations read, checked and normalised to the processor's message format.
+
+A row is one conversation, in either layout:
+
+- this package's: ``{"messages": [{"role": "user", "content": "<image>\\n...", "images": ["a.jpg"]},
+  {"role": "assistant", "content": "..."}]}`` (multi-turn, text-only, several images);
+- ms-swift / ShareGPT: ``{"messages": [...], "images": ["a.jpg", ...]}`` with the images filling the ``<image>``
+  tags in order (``{"from": "human" | "gpt", "value": ...}`` turns are accepted too).
+
+An assistant turn may carry ``"boxes": [{"label": "cat", "box_pixels": [x1, y1, x2, y2], "image": 0}]``: each box is
+written after the turn's text as ``<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2]]<|/det|>`` in the model's 0..999
+coordinates, exactly as the model emits it (``deepseek_vl.grounding.parse_grounding`` reads it back).
+
+Every problem is reported with its line number; nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from deepseek_vl.grounding import MAX_COORD
+
+IMAGE_TAG = "<image>"
+ROLE_NAMES = {
+    "user": "user", "human": "user", "<|User|>": "user",
+    "assistant": "assistant", "gpt": "assistant", "<|Assistant|>": "assistant",
+    "system": "system",
+}  # fmt: skip
+
+
+class DataError(ValueError):
+    """One or more bad rows; the message lists each with its file and line number."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        super().__init__(f"{len(problems)} bad row(s):\n  " + "\n  ".join(problems[:20]) + more)
+
+
+@dataclass
+class Example:
+    """One conversation ready for the processor: roles user/assistant/system, image paths resolved."""
+
+    messages: list[dict[str, Any]]
+    line: int
+    source: str
+
+    @property
+    def images(self) -> list[str]:
+        return [path for message in self.messages for path in message.get("images", [])]
+
+
+def grounding_text(label: str, boxes_pixels: list[list[float]], image_size: tuple[int, int]) -> str:
+    """``<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>`` with pixels mapped to 0..999 of the image.
+
+    The inverse of the model's convention (pixel = value / 999 * size, see deepseek_vl.grounding).
+    """
+    width, height = image_size
+    coords = []
+    for x1, y1, x2, y2 in boxes_pixels:
+        scaled = (x1 / width, y1 / height, x2 / width, y2 / height)
+        coords.append("[" + ", ".join(str(min(MAX_COORD, max(0, round(v * MAX_COORD)))) for v in scaled) + "]")
+    return f"<|ref|>{label}<|/ref|><|det|>[{', '.join(coords)}]<|/det|>"
+
+
+def read_jsonl(path: str | Path, check_images: bool = True) -> list[Example]:
+    """All rows of a JSONL file, or a DataError listing every bad row (line numbers from 1)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    examples, problems = [], []
+    with path.open(encoding="utf-8") as lines:
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            try:
+                examples.append(parse_row(text, number, path.parent, check_images, source=str(path)))
+            except ValueError as error:
+                problems.append(f"{path}:{number}: {error}")
+    if problems:
+        raise DataError(problems)
+    if not examples:
+        raise DataError([f"{path}: no rows; each line must be one JSON conversation"])
+    return examples
+
+
+def parse_row(text: str, line: int, root: Path, check_images: bool = True, source: str = "") -> Example:
+    """One JSONL line to an Example; a ValueError says what is wrong with it."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
+        raise ValueError('a row must be an object with a non-empty "messages" list')
+    shared = row.get("images", [])
+    if not isinstance(shared, list) or not all(isinstance(p, str) for p in shared):
+        raise ValueError('"images" must be a list of image paths')
+    messages = [normalise_message(m, i) for i, m in enumerate(row["messages"])]
+    per_message = [p for m in messages for p in m.get("images", [])]
+    if shared and per_message:
+        raise ValueError('give images either per message or in the row\'s "images" list, not both')
+    check_structure(messages)
+    if shared:
+        attach_shared_images(messages, shared)
+    for message in messages:
+        if message["role"] == "user" and message.get("images") and IMAGE_TAG not in message["content"]:
+            message["content"] = (IMAGE_TAG + "\n") * len(message["images"]) + message["content"]
+        tags, count = message["content"].count(IMAGE_TAG), len(message.get("images", []))
+        if message["role"] == "user" and tags != count:
+            raise ValueError(f"message {message['index']} has {tags} {IMAGE_TAG} tags but {count} images")
+    sizes = resolve_images(messages, root, check_images)
+    for message in messages:
+        if "boxes" in message:
+            message["content"] = message["content"] + boxes_text(message, sizes)
+        message.pop("boxes", None)
+        message.pop("index")
+    return Example(messages, line, source)
+
+
+def normalise_message(message: Any, index: int) -> dict[str, Any]:
+    if not isinstance(message, dict):
+        raise ValueError(f"message {index} must be an object with role and content")
+    role, content = message.get("role", message.get("from")), message.get("content", message.get("value"))
+    if role not in ROLE_NAMES:
+        raise ValueError(f"message {index} has role {role!r}; use user, assistant or system")
+    if not isinstance(content, str):
+        raise ValueError(f"message {index} needs a text content, got {type(content).__name__}")
+    out = {"role": ROLE_NAMES[role], "content": content, "index": index}
+    images = message.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise ValueError(f"message {index}: images must be a list of image paths")
+    if images:
+        if out["role"] != "user":
+            raise ValueError(f"message {index} ({out['role']}) has images; only user messages may")
+        out["images"] = list(images)
+    if "boxes" in message:
+        if out["role"] != "assistant":
+            raise ValueError(f"message {index}: boxes belong on an assistant message (the answer)")
+        out["boxes"] = message["boxes"]
+    return out
+
+
+def check_structure(messages: list[dict[str, Any]]) -> None:
+    for message in messages[1:]:
+        if message["role"] == "system":
+            raise ValueError(f"message {message['index']}: a system message may only come first")
+    turns = [m for m in messages if m["role"] != "system"]
+    if not turns or turns[-1]["role"] != "assistant":
+        raise ValueError("the conversation must end with an assistant message (the answer to learn)")
+    if not any(m["role"] == "assistant" and (m["content"].strip() or m.get("boxes")) for m in turns):
+        raise ValueError("no assistant message has text or boxes: there is nothing to learn")
+    for message in turns:
+        if message["role"] == "assistant" and IMAGE_TAG in message["content"]:
+            raise ValueError(f"message {message['index']}: {IMAGE_TAG} may only appear in user messages")
+
+
+def attach_shared_images(messages: list[dict[str, Any]], images: list[str]) -> None:
+    """ms-swift layout: images fill the user messages' <image> tags in order; with no tags, all go to the first user turn."""
+    users = [m for m in messages if m["role"] == "user"]
+    tags = sum(m["content"].count(IMAGE_TAG) for m in users)
+    if tags == 0:
+        users[0]["images"] = list(images)
+        return
+    if tags != len(images):
+        raise ValueError(f"the user messages have {tags} {IMAGE_TAG} tags but the row lists {len(images)} images")
+    remaining = list(images)
+    for message in users:
+        count = message["content"].count(IMAGE_TAG)
+        if count:
+            message["images"], remaining = remaining[:count], remaining[count:]
+
+
+def resolve_images(messages: list[dict[str, Any]], root: Path, check: bool) -> list[tuple[int, int] | None]:
+    """Make image paths absolute (relative ones are relative to the data file); read each size if checking."""
+    sizes = []
+    for message in messages:
+        resolved = []
+        for entry in message.get("images", []):
+            path = Path(entry).expanduser()
+            path = path if path.is_absolute() else root / path
+            size = None
+            if check:
+                if not path.is_file():
+                    raise ValueError(f"image {entry!r} not found (looked at {path})")
+                try:
+                    with Image.open(path) as image:
+                        size = image.size
+                except OSError as error:
+                    raise ValueError(f"image {entry!r} cannot be read: {error}") from None
+            resolved.append(str(path))
+            sizes.append(size)
+        if resolved:
+            message["images"] = resolved
+    return sizes
+
+
+def boxes_text(message: dict[str, Any], sizes: list[tuple[int, int] | None]) -> str:
+    """The grounding markup of an assistant message's boxes; consecutive boxes of one label share a <|det|>."""
+    boxes = message["boxes"]
+    where = f"message {message['index']}"
+    if not isinstance(boxes, list) or not boxes:
+        raise ValueError(f"{where}: boxes must be a non-empty list of {{label, box_pixels}} objects")
+    if not sizes:
+        raise ValueError(f"{where} has boxes but the conversation has no image")
+    groups: list[tuple[str, int, list[list[float]]]] = []
+    for number, box in enumerate(boxes):
+        if not isinstance(box, dict) or not isinstance(box.get("label"), str) or "box_pixels" not in box:
+            raise ValueError(f"{where} box {number}: needs a text label and box_pixels [x1, y1, x2, y2]")
+        pixels, image = box["box_pixels"], box.get("image", 0 if len(sizes) == 1 else None)
+        if image is None or not isinstance(image, int) or not 0 <= image < len(sizes):
+            raise ValueError(f"{where} box {number}: give \"image\": 0..{len(sizes) - 1} (which image it is in)")
+        size = sizes[image]
+        if size is None:
+            raise ValueError(f"{where} box {number}: the image size is needed; read the data with check_images")
+        if (
+            not isinstance(pixels, list) or len(pixels) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in pixels)
+        ):  # fmt: skip
+            raise ValueError(f"{where} box {number}: box_pixels must be 4 numbers [x1, y1, x2, y2], got {pixels!r}")
+        x1, y1, x2, y2 = pixels
+        if not (0 <= x1 < x2 <= size[0] and 0 <= y1 < y2 <= size[1]):
+            raise ValueError(
+                f"{where} box {number}: box_pixels {pixels} must satisfy 0 <= x1 < x2 <= {size[0]} and "
+                f"0 <= y1 < y2 <= {size[1]} (the image is {size[0]}x{size[1]})"
+            )
+        if groups and groups[-1][0] == box["label"] and groups[-1][1] == image:
+            groups[-1][2].append(pixels)
+        else:
+            groups.append((box["label"], image, [pixels]))
+    return "".join(grounding_text(label, pixels, sizes[image]) for label, image, pixels in groups)

@@ -1,0 +1,241 @@
+"""Fine-tuning glue over ``transformers.Trainer``: load -> data -> LoRA / QLoRA / full -> train -> save.
+
+The loop itself is Trainer's (accelerate underneath), so ``torchrun`` / ``accelerate launch`` give DDP, FSDP or
+DeepSpeed without code here. The model's loss is the next-token cross-entropy summed over the label tokens and
+divided by the label tokens of the whole global batch (Trainer's ``num_items_in_batch``), so gradient accumulation
+and any number of processes give the same update as one process on the whole batch. The MoE balance loss adds its gradient
+inside the model, as in the official training code.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+
+from deepseek_vl.train.collate import Collator
+from deepseek_vl.train.data import Example
+from deepseek_vl.train.lora import TrainableParts, apply_lora, count_parameters, prepare_full
+
+METHODS = ("lora", "qlora", "full")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a run needs; the CLI flags map one to one."""
+
+    model: str
+    output: str
+    method: str = "lora"
+    parts: TrainableParts = field(default_factory=TrainableParts)
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 1
+    grad_accum: int = 1
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_length: int | None = None
+    gradient_checkpointing: bool = True
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    save_steps: int = 500
+    save_total_limit: int | None = 3
+    seed: int = 42
+    dtype: str = "auto"
+    resume: str | bool | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class Summary:
+    trainable_parameters: int
+    total_parameters: int
+    steps: int
+    train_loss: float
+    tokens: int
+    tokens_per_second: float
+    peak_memory_bytes: int
+    seconds: float
+    eval_loss: float | None = None
+
+
+def resolve_dtype(name: str, method: str) -> torch.dtype:
+    """auto: bf16 weights for LoRA on a GPU (LoRA weights stay fp32), fp32 master weights for full fine-tuning."""
+    if name != "auto":
+        return getattr(torch, name)
+    return torch.bfloat16 if torch.cuda.is_available() and method != "full" else torch.float32
+
+
+def load_model(config: FinetuneConfig):
+    """The base model (4-bit NF4 for QLoRA) wrapped for the method, and its processor."""
+    from deepseek_vl.chat import resolve_model_folder
+    from deepseek_vl.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+
+    if config.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
+    folder = resolve_model_folder(config.model)
+    processor = DeepseekVLV2Processor.from_pretrained(folder)
+    dtype = resolve_dtype(config.dtype, config.method)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if config.method == "qlora":
+        kwargs["quantization_config"] = qlora_quantization(dtype)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    model = DeepseekVLV2ForCausalLM.from_pretrained(folder, **kwargs)
+    model.config.use_cache = False
+    if config.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    if config.method == "full":
+        return prepare_full(model, config.parts), processor
+    return apply_lora(model, config.parts, config.lora_rank, config.lora_alpha, config.lora_dropout), processor
+
+
+def qlora_quantization(compute_dtype: torch.dtype):
+    """NF4 base weights for QLoRA; vision, projector and lm_head stay in bf16 (routers are not Linear layers)."""
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "--method qlora loads the base model in 4-bit NF4 with bitsandbytes, which needs a CUDA GPU; "
+            "on this machine use --method lora (or full)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("--method qlora needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if compute_dtype == torch.float32 else compute_dtype,
+        llm_int8_skip_modules=["vision", "projector", "lm_head"],
+    )
+
+
+def training_arguments(config: FinetuneConfig, has_eval: bool) -> TrainingArguments:
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=config.output,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="cosine",
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.eval_steps or config.save_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=on_gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not on_gpu,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        remove_unused_columns=False,
+        label_names=["labels"],
+        prediction_loss_only=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=config.num_workers,
+        report_to="none",
+        disable_tqdm=False,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def build_trainer(
+    config: FinetuneConfig, model, processor, train: list[Example], evaluation: list[Example] | None
+) -> Trainer:
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(config, bool(evaluation)),
+        data_collator=Collator(processor, config.max_length),
+        train_dataset=train,
+        eval_dataset=evaluation or None,
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LineProgress())
+    return trainer
+
+
+def finetune(config: FinetuneConfig, train: list[Example], evaluation: list[Example] | None = None) -> Summary:
+    """Train, save the adapter (or the full model) and the processor to config.output, and summarise."""
+    model, processor = load_model(config)
+    trainer = build_trainer(config, model, processor, train, evaluation)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=config.resume or None)
+    seconds = time.perf_counter() - start
+    trainer.save_model(config.output)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(config.output)
+    eval_loss = trainer.evaluate()["eval_loss"] if evaluation else None
+    trainable, total = count_parameters(model)
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return Summary(
+        trainable_parameters=trainable,
+        total_parameters=total,
+        steps=trainer.state.global_step,
+        train_loss=result.training_loss,
+        tokens=tokens,
+        tokens_per_second=tokens / seconds if seconds else math.nan,
+        peak_memory_bytes=peak_memory(),
+        seconds=seconds,
+        eval_loss=eval_loss,
+    )
+
+
+def peak_memory() -> int:
+    """Peak GPU memory allocated on CUDA, else the process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+class LineProgress(ProgressCallback):
+    """The progress bar, with one readable line per logging step (loss, eval loss, lr) instead of a dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        fields = [f"step {state.global_step}/{state.max_steps}"]
+        for key, label in (("loss", "loss"), ("eval_loss", "eval loss"), ("learning_rate", "lr"),
+                           ("grad_norm", "grad norm")):  # fmt: skip
+            if key in logs:
+                fields.append(f"{label} {logs[key]:.4g}")
+        if len(fields) > 1:
+            write = self.training_bar.write if self.training_bar is not None else print
+            write("  ".join(fields))
+
+
+def format_summary(summary: Summary, output: str) -> str:
+    share = summary.trainable_parameters / max(summary.total_parameters, 1)
+    lines = [
+        f"trained {summary.steps} steps in {summary.seconds:.1f} s; final train loss {summary.train_loss:.4f}"
+        + (f", eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else ""),
+        f"trainable parameters {summary.trainable_parameters:,} of {summary.total_parameters:,} ({share:.2%})",
+        f"{summary.tokens:,} tokens, {summary.tokens_per_second:,.1f} tokens/s; peak memory "
+        f"{summary.peak_memory_bytes / 2**30:.2f} GiB",
+        f"saved to {Path(output).resolve()}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,277 @@
+"""Fine-tuning on the golden Tiny checkpoint: data rows, labels, LoRA targets, a real LoRA run, reload, merge, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from golden import GOLDEN, checkpoint, processor_case
+
+pytest.importorskip("peft")
+
+from deepseek_vl.grounding import parse_grounding  # noqa: E402
+from deepseek_vl.train.collate import Collator  # noqa: E402
+from deepseek_vl.train.data import DataError, read_jsonl  # noqa: E402
+from deepseek_vl.train.lora import TrainableParts, apply_lora, lora_target_regex  # noqa: E402
+
+TINY = checkpoint("tiny")
+IMAGE = GOLDEN / "images" / "tiny_8x8.png"
+GIRAFFES = GOLDEN / "images" / "visual_grounding_1.jpeg"  # 724 x 1086
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+TRAIN_ROWS = [
+    {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]},
+    {"messages": [{"role": "user", "content": "<image>\nWhat is this?", "images": [str(IMAGE)]},
+                  {"role": "assistant", "content": "A tiny square."}]},
+    {"messages": [{"from": "human", "value": "Say hello."}, {"from": "gpt", "value": "Hello there!"}]},
+    {"messages": [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two, three."}]},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from deepseek_vl.models import DeepseekVLV2Processor
+
+    return DeepseekVLV2Processor.from_pretrained(TINY)
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+
+def test_both_layouts_multi_turn_text_only_and_several_images(tmp_path: Path) -> None:
+    shutil.copy(IMAGE, tmp_path / "a.png")
+    rows = [
+        {"messages": [{"role": "user", "content": "<image>\n<image>\nSame?", "images": ["a.png", str(IMAGE)]},
+                      {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Sure?"},
+                      {"role": "assistant", "content": "Sure."}]},
+        {"messages": [{"role": "user", "content": "First <image> then <image>?"},
+                      {"role": "assistant", "content": "Both."}], "images": ["a.png", "a.png"]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hi."}]},
+        {"messages": [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "Dark."}],
+         "images": ["a.png"]},
+    ]  # fmt: skip
+    examples = read_jsonl(write_jsonl(tmp_path / "train.jsonl", rows))
+    assert [e.line for e in examples] == [1, 2, 3, 4]
+    assert examples[0].images == [str(tmp_path / "a.png"), str(IMAGE)]
+    assert [m["role"] for m in examples[0].messages] == ["user", "assistant", "user", "assistant"]
+    assert examples[1].messages[0]["images"] == [str(tmp_path / "a.png")] * 2
+    assert examples[2].images == [] and examples[2].messages[0]["role"] == "system"
+    assert examples[3].messages[0]["content"] == "<image>\nDescribe."  # ms-swift rows without tags
+
+
+def test_boxes_are_written_as_the_model_emits_them_and_parse_back(tmp_path: Path) -> None:
+    boxes = [{"label": "giraffe", "box_pixels": [420, 0, 724, 917]}, {"label": "giraffe", "box_pixels": [3, 5, 200, 300]},
+             {"label": "tree", "box_pixels": [0.5, 10, 100.25, 1086]}]  # fmt: skip
+    row = {"messages": [{"role": "user", "content": "<image>\nFind them.", "images": [str(GIRAFFES)]},
+                        {"role": "assistant", "content": "Here:", "boxes": boxes}]}  # fmt: skip
+    (example,) = read_jsonl(write_jsonl(tmp_path / "g.jsonl", [row]))
+    answer = example.messages[1]["content"]
+    assert answer == (
+        "Here:<|ref|>giraffe<|/ref|><|det|>[[580, 0, 999, 844], [4, 5, 276, 276]]<|/det|>"
+        "<|ref|>tree<|/ref|><|det|>[[1, 9, 138, 999]]<|/det|>"
+    )
+    parsed = parse_grounding(answer, image_sizes=[(724, 1086)])
+    assert not parsed.problems and [b.label for b in parsed.boxes] == ["giraffe", "giraffe", "tree"]
+    for box, given in zip(parsed.boxes, boxes):
+        half_unit = (724 / 999 / 2, 1086 / 999 / 2) * 2
+        assert all(abs(p - g) <= h + 1e-9 for p, g, h in zip(box.pixels, given["box_pixels"], half_unit))
+
+
+def test_bad_rows_are_all_reported_with_line_numbers(tmp_path: Path) -> None:
+    good = json.dumps(TRAIN_ROWS[0])
+    rows = [
+        good,
+        "{not json",
+        good,
+        {"messages": [{"role": "user", "content": "Hi"}]},
+        {"messages": [{"role": "robot", "content": "Hi"}, {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "<image>\nx", "images": ["missing.png"]},
+                      {"role": "assistant", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "<image>\nx", "images": [str(GIRAFFES)]},
+                      {"role": "assistant", "content": "", "boxes": [{"label": "a", "box_pixels": [10, 10, 5000, 20]}]}]},
+        {"messages": [{"role": "user", "content": "<image> <image>"}, {"role": "assistant", "content": "x"}],
+         "images": [str(IMAGE)]},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    before = path.read_bytes()
+    with pytest.raises(DataError) as caught:
+        read_jsonl(path)
+    problems = caught.value.problems
+    assert [p.split(":")[1] for p in problems] == ["2", "4", "5", "6", "7", "8"]
+    assert "not valid JSON" in problems[0] and "end with an assistant" in problems[1] and "'robot'" in problems[2]
+    assert "missing.png" in problems[3] and "x1 < x2 <= 724" in problems[4] and "2 <image> tags" in problems[5]
+    assert path.read_bytes() == before
+
+
+# --- labels and tokens ----------------------------------------------------------------------------------------
+
+
+def test_labels_cover_only_the_answers_and_padding_is_right(tmp_path: Path, processor) -> None:
+    rows = [TRAIN_ROWS[0], {"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "<image>\nWhat is this?", "images": [str(IMAGE)]},
+        {"role": "assistant", "content": "A square."}, {"role": "user", "content": "Colour?"},
+        {"role": "assistant", "content": "Black."}]}]  # fmt: skip
+    batch = Collator(processor)(read_jsonl(write_jsonl(tmp_path / "t.jsonl", rows)))
+    ids, labels, attention = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    tokenizer = processor.tokenizer
+    answers = [tokenizer.decode(ids[row][labels[row] != -100]) for row in range(2)]
+    eos = tokenizer.eos_token
+    assert answers == [f"Blue.{eos}", f"A square.{eos}Black.{eos}"]
+    assert torch.equal(labels[labels != -100], ids[labels != -100])
+    short = int(attention[0].sum())
+    assert bool(attention[0, :short].all()) and not bool(attention[0, short:].any())  # right padding
+    assert bool((labels[0, short:] == -100).all()) and bool((ids[0, short:] == processor.pad_id).all())
+    assert not bool((labels[batch["images_seq_mask"]] != -100).any())
+
+
+def test_training_tokens_equal_inference_and_the_official_training_mode(tmp_path: Path, processor) -> None:
+    info, golden = processor_case("08_training_mode")
+    conversation = info["inputs"]["samples"][0]["conversation"]
+    row = {"messages": [
+        {"role": "user", "content": conversation[0]["content"], "images": [str(GIRAFFES)]},
+        {"role": "assistant", "content": conversation[1]["content"]}]}  # fmt: skip
+    (example,) = read_jsonl(write_jsonl(tmp_path / "o.jsonl", [row]))
+    batch = Collator(processor)([example])
+    assert torch.equal(batch["input_ids"], golden["input_ids"])
+    assert torch.equal(batch["images_seq_mask"], golden["images_seq_mask"].bool())
+    prompt = [{**example.messages[0]}, {"role": "assistant", "content": ""}]
+    from deepseek_vl.utils.io import load_image
+
+    inference = processor.process_one(conversations=prompt, images=[load_image(GIRAFFES)], inference_mode=True)
+    assert torch.equal(batch["input_ids"][0, : len(inference)], inference.input_ids)
+    assert int((batch["labels"][0, : len(inference)] != -100).sum()) == 0  # the prompt is never a target
+
+
+# --- what trains ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["tiny", "small", "base"])
+def test_default_lora_targets_are_attention_dense_mlp_and_shared_experts(variant: str) -> None:
+    from deepseek_vl.models import DeepseekVLV2ForCausalLM
+
+    model = apply_lora(DeepseekVLV2ForCausalLM.from_pretrained(checkpoint(variant)), TrainableParts())
+    trainable = {n.removeprefix("base_model.model.").split(".lora_")[0] for n, p in model.named_parameters()
+                 if p.requires_grad}  # fmt: skip
+    attention = {"tiny": {"q_proj", "k_proj", "v_proj", "o_proj"}}.get(
+        variant, {"q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+    )
+    expected = {f"language.model.layers.{i}.self_attn.{name}" for i in range(3) for name in attention}
+    expected |= {f"language.model.layers.0.mlp.{name}" for name in ("gate_proj", "up_proj", "down_proj")}
+    expected |= {f"language.model.layers.{i}.mlp.shared_experts.{name}" for i in (1, 2)
+                 for name in ("gate_proj", "up_proj", "down_proj")}  # fmt: skip
+    assert trainable == expected
+
+
+def test_expert_router_and_vision_options() -> None:
+    import re
+
+    regex = re.compile(lora_target_regex(TrainableParts(lora_experts=True, lora_vision=True)))
+    assert regex.fullmatch("language.model.layers.5.mlp.experts.63.down_proj")
+    assert regex.fullmatch("vision.blocks.3.attn.qkv")
+    assert not regex.fullmatch("language.model.layers.5.mlp.gate") and not regex.fullmatch("language.lm_head")
+    from deepseek_vl.models import DeepseekVLV2ForCausalLM
+
+    model = apply_lora(DeepseekVLV2ForCausalLM.from_pretrained(checkpoint("base")), TrainableParts(train_router=True))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.endswith("mlp.gate.modules_to_save.default.weight") for n in names)
+    assert not any("e_score_correction_bias" in n or n.startswith("base_model.model.vision") for n in names)
+
+
+# --- a real run -------------------------------------------------------------------------------------------------
+
+
+def finetune_run(output: Path, data: list, **overrides):
+    from deepseek_vl.train.trainer import FinetuneConfig, build_trainer, load_model
+
+    settings = dict(model=str(TINY), output=str(output), max_steps=12, batch_size=2, learning_rate=3e-2,
+                    logging_steps=1, save_steps=4, warmup_ratio=0.0, lora_dropout=0.0)  # fmt: skip
+    config = FinetuneConfig(**(settings | overrides))
+    model, processor = load_model(config)
+    trainer = build_trainer(config, model, processor, data, None)
+    trainer.train(resume_from_checkpoint=config.resume)
+    trainer.save_model(str(output))
+    processor.save_pretrained(str(output))
+    return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, processor):
+    folder = tmp_path_factory.mktemp("finetune")
+    data = read_jsonl(write_jsonl(folder / "train.jsonl", TRAIN_ROWS))
+    trainer, losses = finetune_run(folder / "out", data)
+    return trainer.model.eval(), losses, folder / "out", data
+
+
+def test_lora_run_drives_the_loss_down(trained) -> None:
+    _, losses, output, _ = trained
+    assert len(losses) == 12
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert (output / "adapter_model.safetensors").is_file() and (output / "processor_config.json").is_file()
+
+
+def batch_of(processor, data):
+    batch = Collator(processor)(data)
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def test_reloaded_adapter_reproduces_the_trained_model(trained, processor) -> None:
+    from peft import PeftModel
+
+    from deepseek_vl.models import DeepseekVLV2ForCausalLM
+
+    model, _, output, data = trained
+    inputs = batch_of(processor, data)
+    reloaded = PeftModel.from_pretrained(DeepseekVLV2ForCausalLM.from_pretrained(TINY, dtype=torch.float32), str(output)).eval()
+    base = DeepseekVLV2ForCausalLM.from_pretrained(TINY, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected, got, untrained = (m(**inputs, use_cache=False).logits for m in (model, reloaded, base))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (untrained - expected).abs().max() > 1e-2
+
+
+def test_merged_checkpoint_has_official_keys_and_gives_the_same_greedy_tokens(trained, processor, tmp_path) -> None:
+    from deepseek_vl.chat import VLChat
+    from deepseek_vl.train.merge import merge_to_checkpoint
+
+    model, _, output, _ = trained
+    merged = merge_to_checkpoint(output, tmp_path / "merged", dtype="float32")
+    with safe_open(TINY / "model.safetensors", "pt") as a, safe_open(merged / "model.safetensors", "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert all(a.get_slice(k).get_shape() == b.get_slice(k).get_shape() for k in a.keys())
+    config, official = (json.loads((folder / "config.json").read_text()) for folder in (merged, TINY))
+    for section in ("", "vision_config", "projector_config", "language_config"):  # every official entry, unchanged
+        ours, theirs = (config.get(section, {}) if section else config), (official[section] if section else official)
+        for key, value in theirs.items():
+            if key not in ("transformers_version", "torch_dtype") and not isinstance(value, dict):
+                assert ours[key] == value, (section, key)
+    assert config["torch_dtype"] == config["language_config"]["torch_dtype"] == "float32"
+    assert (merged / "processor_config.json").is_file() and (merged / "tokenizer.json").is_file()
+
+    messages = [{"role": "user", "content": "Count to three."}]
+    unmerged = VLChat(model.base_model.model, processor)  # LoRA layers still separate
+    from_folder = VLChat.from_pretrained(merged, device="cpu", dtype="float32")
+    from_adapter = VLChat.from_pretrained(TINY, device="cpu", dtype="float32", adapter=output)
+    answers = [chat.chat(messages, max_new_tokens=12) for chat in (unmerged, from_folder, from_adapter)]
+    assert answers[0].completion_tokens == 12 or answers[0].finish_reason == "stop"
+    assert answers[0].text == answers[1].text == answers[2].text
+
+
+def test_resume_continues_the_same_loss_curve(trained, tmp_path) -> None:
+    _, losses, output, data = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(output / "checkpoint-8", resumed / "checkpoint-8")
+    _, tail = finetune_run(resumed, data, resume=str(resumed / "checkpoint-8"))  # steps 9..12 run again
+    assert len(tail) == 12 and tail[:8] == losses[:8]  # the first 8 come from the checkpoint's trainer state
+    torch.testing.assert_close(torch.tensor(tail[8:]), torch.tensor(losses[8:]), atol=1e-5, rtol=1e-5)
