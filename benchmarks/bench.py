@@ -3,25 +3,33 @@
     python benchmarks/bench.py --variant tiny --layers 4 --dtype float32
     python benchmarks/bench.py --variant small --layers 2 --dtype bfloat16 --device cuda
 
-Prints a table and, with --json, writes every number. Decode figures come with their physical limit:
-a step cannot be faster than (weight bytes it reads + cache bytes it reads) / memory bandwidth, the
-bandwidth being measured here with a large copy. Weight bytes count the dense weights, the LM head and
-the distinct routed experts the step's tokens chose.
+Prints progress as it goes, then a table; --json writes every number, --record appends the table with
+the date, CPU flags and torch version to benchmarks/RESULTS.md. Decode figures come with their bound: a
+step only reads, so it cannot be faster than (weight bytes it reads + cache bytes it reads) / the read
+rate measured here with a large sum (the copy rate is printed too, for comparison with older figures).
+Weight bytes count the dense weights, the LM head and the distinct routed experts the step's tokens chose.
+With --reference, every decode figure is measured side by side with the reference paths (eager attention,
+DeepseekV2MoE.reference, transformers' DynamicCache), alternating runs, medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
+import statistics
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from deepseek_vl.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+from deepseek_vl.models.cache import InPlaceCache
 from deepseek_vl.models.language import DeepseekV2MoE
 from deepseek_vl.utils.io import load_image
 
@@ -41,6 +49,26 @@ PRESETS = {
                  n_routed_experts=72, kv_lora_rank=512, topk_method="noaux_tc", scoring_func="sigmoid",
                  norm_topk_prob=True, routed_scaling_factor=2.0),
 }  # fmt: skip
+
+
+START = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[{time.perf_counter() - START:7.1f} s] {message}", flush=True)
+
+
+def machine() -> dict:
+    """What the figures depend on: date, CPU model and its vector flags, torch version, threads."""
+    cpu, flags = platform.processor() or platform.machine(), []
+    if os.path.exists("/proc/cpuinfo"):
+        text = open("/proc/cpuinfo").read()
+        cpu = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), cpu)
+        present = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        flags = [f for f in ("avx", "fma", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in present]
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), cpu=cpu,
+                cpu_flags=flags, torch=torch.__version__, torch_cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                threads=torch.get_num_threads())  # fmt: skip
 
 
 def build_model(variant: str, layers: int, vision_layers: int, dtype: torch.dtype, device: str) -> DeepseekVLV2ForCausalLM:
@@ -171,8 +199,12 @@ def prefill(model, inputs, embeds: torch.Tensor, device: str, logits_to_keep: in
     return result
 
 
-def decode(model, batch: int, prompt_length: int, steps: int, device: str) -> dict:
-    """Time `steps` greedy decode steps after a text prompt; also count the distinct experts each step reads."""
+def decode(model, batch: int, prompt_length: int, steps: int, device: str, distinct_rows: bool = True,
+           cache_class: type = InPlaceCache) -> dict:
+    """Time `steps` greedy decode steps after a text prompt; also count the distinct experts each step reads.
+
+    ``distinct_rows``: a different random prompt per row (else copies of one); ``cache_class``: the cache filled.
+    """
     language = model.language
     moes = [m for m in language.modules() if isinstance(m, DeepseekV2MoE)]
     distinct = [0.0] * len(moes)
@@ -185,11 +217,12 @@ def decode(model, batch: int, prompt_length: int, steps: int, device: str) -> di
         return hook
 
     handles = [m.gate.register_forward_hook(count(i)) for i, m in enumerate(moes)]
-    ids = torch.randint(100, 100000, (batch, prompt_length), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(100, 100000, (batch if distinct_rows else 1, prompt_length), generator=torch.Generator().manual_seed(0))
+    ids = ids.expand(batch, -1).to(device)
     result: dict = {}
     try:
         with torch.no_grad():
-            out = language(input_ids=ids, use_cache=True, logits_to_keep=1)
+            out = language(input_ids=ids, cache=cache_class(), use_cache=True, logits_to_keep=1)
             cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
             language(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)  # warm-up step
             counting["on"] = True
@@ -203,6 +236,8 @@ def decode(model, batch: int, prompt_length: int, steps: int, device: str) -> di
     seq_len = cache.get_seq_length()
     result.update(
         batch=batch,
+        distinct_rows=distinct_rows,
+        context_tokens=seq_len,
         tokens_per_s=batch * steps / result["seconds"],
         distinct_experts_per_layer=sum(distinct) / max(len(distinct), 1),
         weight_bytes_per_step=step_weight_bytes(model, distinct),
@@ -214,12 +249,33 @@ def decode(model, batch: int, prompt_length: int, steps: int, device: str) -> di
 
 
 def with_limits(result: dict, bandwidth: dict[str, float]) -> dict:
-    """Decode's physical limit: bytes read per step over the measured copy rate, and over the read rate."""
+    """Decode's bound: bytes read per step over the measured read rate (and, for comparison, the copy rate)."""
     step_bytes = result["weight_bytes_per_step"] + result["cache_bytes_per_step"]
     for name, rate in bandwidth.items():
         limit = result["batch"] * rate / step_bytes
         result[f"limit_tokens_per_s_{name}"] = limit
         result[f"share_of_limit_{name}"] = result["tokens_per_s"] / limit
+    return result
+
+
+def side_by_side(model, bandwidth: dict, rounds: int, **decode_args) -> dict:
+    """Decode with the fast paths and with the reference paths, alternating ``rounds`` times; medians and ratio."""
+    runs: dict[str, list[dict]] = {"fast": [], "reference": []}
+    for round_ in range(rounds):
+        for name in ("fast", "reference"):
+            with_reference_paths(model, name == "reference")
+            cache_class = DynamicCache if name == "reference" else InPlaceCache
+            runs[name].append(with_limits(decode(model, cache_class=cache_class, **decode_args), bandwidth))
+            log(f"  round {round_ + 1}/{rounds} {name}: {runs[name][-1]['tokens_per_s']:.2f} tok/s")
+        with_reference_paths(model, False)
+    result = {}
+    for name, results in runs.items():
+        speeds = [r["tokens_per_s"] for r in results]
+        result[name] = min(results, key=lambda r: abs(r["tokens_per_s"] - statistics.median(speeds))) | {
+            "tokens_per_s": statistics.median(speeds), "runs_tokens_per_s": speeds}
+    result["fast"] = with_limits(result["fast"], bandwidth)
+    result["reference"] = with_limits(result["reference"], bandwidth)
+    result["speedup"] = result["fast"]["tokens_per_s"] / result["reference"]["tokens_per_s"]
     return result
 
 
@@ -261,18 +317,54 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--prompt-length", type=int, default=256, help="text prompt length before decoding")
-    parser.add_argument("--reference", action="store_true", help="also time the straightforward reference paths")
+    parser.add_argument("--long-context", type=int, default=1446,
+                        help="also decode after this many tokens (the one-image prompt's length); 0 skips")  # fmt: skip
+    parser.add_argument("--reference", action="store_true",
+                        help="time every decode side by side with the reference paths (alternating runs, medians)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per side-by-side figure")
+    parser.add_argument("--skip-vision", action="store_true", help="decode figures only")
     parser.add_argument("--json", type=Path, help="write all numbers to this file")
+    parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     dtype, device = getattr(torch, args.dtype), args.device
 
     report: dict = dict(variant=args.variant, layers=args.layers, vision_layers=args.vision_layers,
                         dtype=args.dtype, device=device, threads=torch.get_num_threads(),
-                        device_name=torch.cuda.get_device_name() if device.startswith("cuda") else os.uname().machine)  # fmt: skip
+                        device_name=torch.cuda.get_device_name() if device.startswith("cuda") else os.uname().machine,
+                        machine=machine())  # fmt: skip
+    log(f"{report['machine']}; measuring memory bandwidth")
     bandwidth = memory_bandwidth(device)
     report["copy_bytes_per_s"], report["read_bytes_per_s"] = bandwidth["copy"], bandwidth["read"]
+    log(f"read {bandwidth['read'] / 1e9:.1f} GB/s, copy {bandwidth['copy'] / 1e9:.1f} GB/s; building the model")
     model = build_model(args.variant, args.layers, args.vision_layers, dtype, device)
     report["weights_bytes"] = tensor_bytes(model.parameters())
+    if not args.skip_vision:
+        vision_and_prefill(model, report, device)
+    decodes = {"decode_batch1": dict(batch=1, prompt_length=args.prompt_length)}
+    if args.long_context:
+        decodes["decode_batch1_long_context"] = dict(batch=1, prompt_length=args.long_context)
+    decodes["decode_batch8"] = dict(batch=8, prompt_length=args.prompt_length)
+    decodes["decode_batch8_copies"] = dict(batch=8, prompt_length=args.prompt_length, distinct_rows=False)
+    for name, decode_args in decodes.items():
+        log(f"{name}: {decode_args}")
+        decode_args |= dict(steps=args.decode_steps, device=device)
+        if args.reference:
+            report[name] = side_by_side(model, bandwidth, args.rounds, **decode_args)
+        else:
+            report[name] = {"fast": with_limits(decode(model, **decode_args), bandwidth)}
+    table = format_table(report)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.record:
+        with open(REPO / "benchmarks" / "RESULTS.md", "a") as results:
+            command = "python benchmarks/bench.py " + " ".join(os.sys.argv[1:])
+            results.write(f"\n### {report['machine']['date']}: `{command}`\n\n```\n{table}\n```\n")
+        log("appended to benchmarks/RESULTS.md")
+
+
+def vision_and_prefill(model, report: dict, device: str) -> None:
+    """Preprocessing, vision tower + projector, prefill with one and three images, incremental prefill memory."""
     processor = DeepseekVLV2Processor.from_pretrained(GOLDEN / "checkpoints" / "vl2-tiny-random")
 
     one_image = prompt_inputs(processor, ["visual_grounding_1.jpeg"], device)
@@ -286,63 +378,56 @@ def main() -> None:
         model.encode_tiles(one_image.images[0, :1])  # warm-up
     embeds = {}
     for name, inputs in (("prefill_one_image", one_image), ("prefill_three_images", three_images)):
+        log(f"{name}: vision and prefill")
         embeds[name], seconds = image_embeddings(model, inputs, device)
         tiles = int((inputs.images_spatial_crop.prod(-1) + 1)[inputs.images_spatial_crop[..., 0] > 0].sum())
         lm = prefill(model, inputs, embeds[name], device, logits_to_keep=1)
         report[name] = lm | {"tokens": inputs.input_ids.shape[1], "tiles": tiles, "vision_seconds": seconds,
                              "total_tokens_per_s": inputs.input_ids.shape[1] / (seconds + lm["seconds"])}  # fmt: skip
     report["vision_ms_per_tile"] = 1000 * min(report[k]["vision_seconds"] / report[k]["tiles"] for k in embeds)
+    log("prefill with logits at every position; incremental prefill memory")
     report["prefill_full_vocab_logits"] = prefill(model, one_image, embeds["prefill_one_image"], device, logits_to_keep=0)
     report["incremental_prefill"] = incremental_prefill_memory(model, one_image, 512, device)
 
-    for batch in (1, 8):
-        report[f"decode_batch{batch}"] = with_limits(decode(model, batch, args.prompt_length, args.decode_steps, device), bandwidth)
-    if args.reference:
-        with_reference_paths(model, True)
-        report["reference_prefill_one_image"] = prefill(model, one_image, embeds["prefill_one_image"], device, 1)
-        for batch in (1, 8):
-            result = decode(model, batch, args.prompt_length, args.decode_steps, device)
-            report[f"reference_decode_batch{batch}"] = with_limits(result, bandwidth)
-        with_reference_paths(model, False)
 
-    print_table(report)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-
-
-def print_table(r: dict) -> None:
-    mib, gbs = 2**20, 1e9
-    print(f"\nDeepSeek-VL2 {r['variant']} shapes, {r['layers']} language layers, {r['dtype']} on {r['device']} "
-          f"({r['device_name']}, {r['threads']} threads); weights {r['weights_bytes'] / mib:.0f} MiB; "
-          f"copy {r['copy_bytes_per_s'] / gbs:.1f} GB/s, read {r['read_bytes_per_s'] / gbs:.1f} GB/s")  # fmt: skip
-    rows = [
-        ("image preprocessing", f"{r['preprocess_ms_per_image']:.1f} ms/image"),
-        ("vision + projector", f"{r['vision_ms_per_tile']:.1f} ms/tile"),
-    ]
-    for key in ("prefill_one_image", "prefill_three_images"):
-        p = r[key]
-        rows.append((f"{key} ({p['tokens']} tok, {p['tiles']} tiles)",
-                     f"LM {p['tokens_per_s']:.0f} tok/s, with vision {p['total_tokens_per_s']:.0f} tok/s, "
-                     f"peak {p['peak_bytes'] / mib:.0f} MiB"))  # fmt: skip
-    full = r["prefill_full_vocab_logits"]
-    rows.append(("  one image, logits at every position",
-                 f"LM {full['tokens_per_s']:.0f} tok/s, peak {full['peak_bytes'] / mib:.0f} MiB"))  # fmt: skip
-    inc = r["incremental_prefill"]
-    rows.append((f"incremental prefill chunk {inc['chunk_size']}",
-                 f"peak {inc['peak_bytes'] / mib:.0f} MiB = {inc['ratio_to_budget']:.2f} x (weights+cache+chunk)"))  # fmt: skip
-    for key in ("decode_batch1", "decode_batch8", "reference_decode_batch1", "reference_decode_batch8"):
-        if key in r:
-            d = r[key]
-            rows.append((key.replace("_", " "),
-                         f"{d['tokens_per_s']:.2f} tok/s; limit {d['limit_tokens_per_s_copy']:.2f} by copy rate "
-                         f"({100 * d['share_of_limit_copy']:.0f}%), {d['limit_tokens_per_s_read']:.2f} by read rate "
-                         f"({100 * d['share_of_limit_read']:.0f}%); {d['distinct_experts_per_layer']:.1f} experts/layer"))  # fmt: skip
-    rows.append(("cache per token and layer", f"{r['decode_batch1']['cache_bytes_per_token_layer']:.0f} bytes"))
-    if "reference_prefill_one_image" in r:
-        rows.append(("reference prefill one image", f"LM {r['reference_prefill_one_image']['tokens_per_s']:.0f} tok/s"))
+def format_table(r: dict) -> str:
+    mib, gbs, m = 2**20, 1e9, r["machine"]
+    lines = [f"DeepSeek-VL2 {r['variant']} shapes, {r['layers']} language / {r['vision_layers']} vision layers, "
+             f"{r['dtype']} on {r['device']} ({r['device_name']}, {r['threads']} threads); weights "
+             f"{r['weights_bytes'] / mib:.0f} MiB",
+             f"{m['date']}; {m['cpu']}; flags {' '.join(m['cpu_flags']) or 'none'} (torch uses {m['torch_cpu_capability']}); "
+             f"torch {m['torch']}; read {r['read_bytes_per_s'] / gbs:.1f} GB/s (the bound), copy "
+             f"{r['copy_bytes_per_s'] / gbs:.1f} GB/s"]  # fmt: skip
+    rows = []
+    if "prefill_one_image" in r:
+        rows += [("image preprocessing", f"{r['preprocess_ms_per_image']:.1f} ms/image"),
+                 ("vision + projector", f"{r['vision_ms_per_tile']:.1f} ms/tile")]  # fmt: skip
+        for key in ("prefill_one_image", "prefill_three_images"):
+            p = r[key]
+            rows.append((f"{key} ({p['tokens']} tok, {p['tiles']} tiles)",
+                         f"prepare_inputs_embeds {p['vision_seconds']:.2f} s; LM {p['tokens_per_s']:.0f} tok/s, "
+                         f"with vision {p['total_tokens_per_s']:.0f} tok/s, peak {p['peak_bytes'] / mib:.0f} MiB"))  # fmt: skip
+        full, inc = r["prefill_full_vocab_logits"], r["incremental_prefill"]
+        rows.append(("  one image, logits at every position",
+                     f"LM {full['tokens_per_s']:.0f} tok/s, peak {full['peak_bytes'] / mib:.0f} MiB"))  # fmt: skip
+        rows.append((f"incremental prefill chunk {inc['chunk_size']}",
+                     f"peak {inc['peak_bytes'] / mib:.0f} MiB = {inc['ratio_to_budget']:.2f} x (weights+cache+chunk)"))  # fmt: skip
+    for key in ("decode_batch1", "decode_batch1_long_context", "decode_batch8", "decode_batch8_copies"):
+        if key not in r:
+            continue
+        fast = r[key]["fast"]
+        value = (f"{fast['tokens_per_s']:.2f} tok/s = {100 * fast['share_of_limit_read']:.0f}% of the read-rate bound "
+                 f"{fast['limit_tokens_per_s_read']:.2f} ({fast['context_tokens']} tokens of context, "
+                 f"{fast['distinct_experts_per_layer']:.1f} experts/layer)")  # fmt: skip
+        if "reference" in r[key]:
+            ref = r[key]["reference"]
+            value += (f"; reference paths {ref['tokens_per_s']:.2f} tok/s -> {r[key]['speedup']:.2f}x "
+                      f"(runs {', '.join(f'{v:.2f}' for v in fast['runs_tokens_per_s'])} vs "
+                      f"{', '.join(f'{v:.2f}' for v in ref['runs_tokens_per_s'])})")  # fmt: skip
+        rows.append((key.replace("_", " "), value))
+    rows.append(("cache per token and layer", f"{r['decode_batch1']['fast']['cache_bytes_per_token_layer']:.0f} bytes"))
     width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value}")
+    return "\n".join(lines + [f"  {name:<{width}}  {value}" for name, value in rows])
 
 
 if __name__ == "__main__":
