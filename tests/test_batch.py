@@ -148,14 +148,16 @@ def test_input_is_split_on_newlines_only_and_a_failing_line_does_not_stop_the_ru
     separators = json.dumps({"id": "sep", "prompt": "a\u2028b\u2029c\x1cd\x85e"}, ensure_ascii=False)
     crash = json.dumps({"id": "crash", "prompt": "boom"})
     requests.write_text(separators + "\r\n" + crash + "\n" + json.dumps({"id": "ok", "prompt": "Hi"}) + "\n")
-    real = tiny.chat_batch
+    from deepseek_vl.engine import Engine
 
-    def chat_batch(conversations, **options):  # an unexpected error type inside one line's generation
-        if any(c[0]["content"] == "boom" for c in conversations):
+    real = Engine.submit
+
+    def submit(self, messages, *args, **options):  # an unexpected error type in one line's generation
+        if messages[0]["content"] == "boom":
             raise TypeError("bad")
-        return real(conversations, **options)
+        return real(self, messages, *args, **options)
 
-    monkeypatch.setattr(tiny, "chat_batch", chat_batch)
+    monkeypatch.setattr(Engine, "submit", submit)
     assert run_batch(str(requests), str(answers)) == 1
     by_id = {r["id"]: r for r in records(answers)}
     assert set(by_id) == {"sep", "crash", "ok"}

@@ -211,8 +211,7 @@ def run(args: argparse.Namespace) -> int:
         answered = _answer_on_ray(todo, args)
     else:
         pipe = load_chat(args) if any(request.error is None for request in todo) else None
-        answered = (pair for start in range(0, len(todo), args.batch_size)
-                    for pair in _answer_chunk(pipe, todo[start : start + args.batch_size], args))  # fmt: skip
+        answered = _answer_with_engine(pipe, todo, args)
     errors = 0
     with (
         target.open("a", encoding="utf-8") as out,
@@ -241,32 +240,44 @@ def run(args: argparse.Namespace) -> int:
     return 1 if errors or earlier_errors else 0
 
 
-def _answer_chunk(pipe: VLChat | None, chunk: list[Request], args: argparse.Namespace) -> list[tuple]:
-    """(request, ChatResult or error message) in line order; requests with equal options share a batch."""
-    answers = [(request, request.error) for request in chunk if request.error is not None]
-    groups: dict[str, list[Request]] = {}
-    for request in chunk:
-        if request.error is None:
-            groups.setdefault(request.group_key(), []).append(request)
-    for group in groups.values():
-        answers += _answer_group(pipe, group, args)
-    return sorted(answers, key=lambda pair: pair[0].line)
+def _answer_with_engine(pipe: VLChat | None, todo: list[Request], args: argparse.Namespace) -> Iterator[tuple]:
+    """(request, ChatResult or error message) in line order, generated continuously: at most --batch-size lines
+    decode together and a finished line's row goes to the next line at once (`deepseek_vl.engine`)."""
+    import collections
 
+    from deepseek_vl.engine import Engine
 
-def _answer_group(pipe: VLChat, group: list[Request], args: argparse.Namespace) -> list[tuple]:
-    """One batched generation; if it fails, each request alone, so one bad line only fails itself."""
+    engine = Engine(pipe, max_rows=args.batch_size) if pipe is not None else None
+    if engine is not None:
+        engine.start()
+    pending: collections.deque = collections.deque()  # (request, handle or error), line order
+
+    def finished(request: Request, outcome: Any) -> tuple:
+        if isinstance(outcome, str):
+            return request, outcome
+        try:
+            return request, outcome.wait()
+        except Exception as error:  # noqa: BLE001 - any failure of one line (bad content, out of memory) is recorded
+            return request, f"{type(error).__name__}: {error}"
+
     try:
-        results = pipe.chat_batch(
-            [request.messages for request in group],
-            images=[request.images for request in group],
-            exif_transpose=args.exif_transpose,
-            **group[0].options,
-        )
-        return list(zip(group, results))
-    except Exception as error:  # noqa: BLE001 - any failure of one line (bad content, out of memory) is recorded
-        if len(group) == 1:
-            return [(group[0], f"{type(error).__name__}: {error}")]
-        return [pair for request in group for pair in _answer_group(pipe, [request], args)]
+        for request in todo:
+            outcome: Any = request.error
+            if outcome is None:
+                try:
+                    outcome = engine.submit(
+                        request.messages, images=request.images, exif_transpose=args.exif_transpose, **request.options
+                    )
+                except Exception as error:  # noqa: BLE001
+                    outcome = f"{type(error).__name__}: {error}"
+            pending.append((request, outcome))
+            while len(pending) > 2 * args.batch_size:  # images of lines ahead are loaded, not of the whole file
+                yield finished(*pending.popleft())
+        while pending:
+            yield finished(*pending.popleft())
+    finally:
+        if engine is not None:
+            engine.stop()
 
 
 def _answer_on_ray(todo: list[Request], args: argparse.Namespace) -> Iterator[tuple[Request, Any]]:
