@@ -29,7 +29,6 @@ from PIL import Image, ImageOps
 from transformers import AutoProcessor, PreTrainedTokenizerFast
 
 from deepseek_vl.models.chat_template import apply_chat_template
-from deepseek_vl.models.chat_template import apply_chat_template
 from deepseek_vl.models.configuration import DeepseekVLV2Config
 from deepseek_vl.models.conversation import get_conv_template
 from deepseek_vl.utils.io import load_image, load_pil_images
@@ -212,8 +211,6 @@ class DeepseekVLV2Processor:
         hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
         for key in ("trust_remote_code", "_from_auto"):  # what AutoProcessor passes; this class is local code
             kwargs.pop(key, None)
-        for key in ("trust_remote_code", "_from_auto"):  # what AutoProcessor passes; this class is local code
-            kwargs.pop(key, None)
         source = os.fspath(pretrained_model_name_or_path)
         path = Path(source).expanduser()
         if path.is_dir():
@@ -266,11 +263,6 @@ class DeepseekVLV2Processor:
         for message in conversations:
             conv.append_message(message["role"], str(message["content"]).strip())
         return conv.get_prompt().strip()
-
-    def apply_chat_template(self, conversation: Messages, **kwargs: Any) -> Any:
-        """transformers/OpenAI messages (string or `[{"type": "image"}, {"type": "text", ...}]` content) -> the
-        official prompt string; `add_generation_prompt`, `tokenize`, `system_prompt` as in chat_template.py."""
-        return apply_chat_template(self, conversation, **kwargs)
 
     def apply_chat_template(self, conversation: Messages, **kwargs: Any) -> Any:
         """transformers/OpenAI messages (string or `[{"type": "image"}, {"type": "text", ...}]` content) -> the
