@@ -494,9 +494,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from error
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from error
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} was asked for but MPS (Apple GPU) is not available; use --device cpu")
+    if resolved.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
     return resolved
 
 
@@ -521,7 +525,7 @@ def resolve_model_folder(model: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    advice = "pass --model /path/to/folder (a local copy of the checkpoint)"
+    advice = "use a local folder holding the checkpoint instead (--model /path/to/folder on the command line)"
     try:
         return Path(snapshot_download(source, allow_patterns=_HUB_FILES))
     except RepositoryNotFoundError as error:

@@ -119,6 +119,7 @@ def test_top_level_help_lists_the_commands(capsys) -> None:
         (["generate", "hi", "-i", GIRAFFES, "--annotate", "boxes.txt"], "use an image file extension"),
         (["batch", "/no/requests.jsonl", "out.jsonl"], "does not exist"),
         (["generate", "hi", "--device", "tpu9"], "unknown device"),
+        (["generate", "hi", "--device", "mps", "--model", TINY], "MPS (Apple GPU) is not available; use --device cpu"),
     ],
 )
 def test_usage_errors_are_one_line(capsys, args: list[str], message: str) -> None:
