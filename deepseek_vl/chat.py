@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
@@ -143,6 +143,7 @@ class VLChat:
         chunk_size: int | None = None,
         stream: bool = False,
         exif_transpose: bool = False,
+        response_format: dict[str, Any] | None = None,
     ) -> ChatResult | ChatStream:
         """Answer the last user message of a conversation.
 
@@ -154,15 +155,18 @@ class VLChat:
         A trailing assistant message is continued (an answer prefix); otherwise an empty one is appended.
         `system_prompt` becomes a leading system message, which the model sees (the processor's own
         `system_prompt=` argument only changes `sft_format`). `chunk_size` prefills long prompts that many
-        tokens at a time. `stream=True` returns a `ChatStream` of text pieces.
+        tokens at a time. `stream=True` returns a `ChatStream` of text pieces. `response_format` (OpenAI's
+        `{"type": "json_object"}` or `{"type": "json_schema", "json_schema": {"schema": {...}}}`) constrains the
+        answer to JSON with xgrammar; an unusable schema is a ValueError.
         """
         options = GenerationOptions(max_new_tokens, temperature, top_p, repetition_penalty, stop, seed, chunk_size)
         sample, last_size = self._prepare(messages, images, system_prompt, exif_transpose)
+        grammar = self._grammar(response_format)
         if not stream:
-            return self._generate([sample], [last_size], options)[0]
+            return self._generate([sample], [last_size], options, grammar=grammar)[0]
 
         def run(streamer: BaseStreamer, cancel: threading.Event) -> ChatResult:
-            return self._generate([sample], [last_size], options, streamer=streamer, cancel=cancel)[0]
+            return self._generate([sample], [last_size], options, streamer=streamer, cancel=cancel, grammar=grammar)[0]
 
         return ChatStream(run, self._decode, options.stop)
 
@@ -217,6 +221,7 @@ class VLChat:
         options: GenerationOptions,
         streamer: BaseStreamer | None = None,
         cancel: threading.Event | None = None,
+        grammar: Any = None,
     ) -> list[ChatResult]:
         self._check_context(samples, options.max_new_tokens)
         batch = self.processor.batchify(samples).to(self.device)
@@ -236,6 +241,7 @@ class VLChat:
                 eos_token_id=self.tokenizer.eos_token_id,
                 use_cache=True,
                 stopping_criteria=StoppingCriteriaList([stopper]),
+                logits_processor=LogitsProcessorList([grammar] if grammar is not None else []),
                 streamer=streamer,
                 **options.generate_kwargs(),
             )
@@ -244,6 +250,14 @@ class VLChat:
             self._result(row, stopper.stopped.get(index), len(sample.input_ids), size, options.stop, cancel)
             for index, (row, sample, size) in enumerate(zip(rows, samples, last_sizes))
         ]
+
+    def _grammar(self, response_format: dict[str, Any] | None) -> Any:
+        """A fresh xgrammar logits processor for one generation (it keeps the row's parse state), or None."""
+        if response_format is None:
+            return None
+        from deepseek_vl.engine.grammar import logits_processor
+
+        return logits_processor(self.tokenizer, self.model.config.language_config.vocab_size, response_format)
 
     def _check_context(self, samples: list[VLChatProcessorOutput], max_new_tokens: int) -> None:
         """Refuse, as the API does, a prompt + max_new_tokens beyond the context, instead of running for minutes."""

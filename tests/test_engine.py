@@ -162,5 +162,21 @@ def test_json_schema_output_parses_and_validates(tiny: VLChat):
     answer = handles[0].wait()
     assert answer.finish_reason == "stop"
     jsonschema.validate(json.loads(answer.text), schema)
-    with pytest.raises(ValueError, match="not a usable JSON schema"):
-        engine.submit([{"role": "user", "content": "x"}], response_format={"type": "json_schema", "json_schema": {"schema": {"type": 5}}})
+    with pytest.raises(ValueError, match="not a usable JSON schema: Type should be a string"):
+        bad = {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}
+        engine.submit([{"role": "user", "content": "x"}], response_format=bad)
+    alone = tiny.chat([{"role": "user", "content": "A person as JSON."}], max_new_tokens=120, response_format=response_format)
+    assert alone.token_ids == answer.token_ids  # VLChat (generate + xgrammar's logits processor) agrees
+
+
+def test_cli_json_schema(tmp_path, capsys):
+    from deepseek_vl.serve.cli import main
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    args = ["generate", "Give a number.", "--model", str(checkpoint("tiny")), "--max-new-tokens", "20", "--json"]
+    assert main([*args, "--json-schema", str(tmp_path / "schema.json")]) == 0
+    jsonschema.validate(json.loads(json.loads(capsys.readouterr().out)["text"]), schema)
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main([*args, "--json-schema", str(tmp_path / "bad.json")]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err

@@ -11,6 +11,7 @@ lets a weak model pad forever instead of closing the object.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Any
 
@@ -52,6 +53,7 @@ def compile_response_format(tokenizer: Any, vocab_size: int, response_format: di
         return compiler.compile_json_schema(json.dumps(spec["schema"]), any_whitespace=False, strict_mode=bool(spec.get("strict", True)))
     except (RuntimeError, ValueError, TypeError) as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        reason = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", reason)  # xgrammar's "[time] file.cc:line: " prefix
         raise ValueError(f"response_format json_schema is not a usable JSON schema: {reason}") from error
 
 

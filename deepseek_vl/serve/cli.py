@@ -300,12 +300,29 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument("--annotate", metavar="OUT.png", help="write the last image with the answer's boxes drawn")
     parser.add_argument(
+        "--json-schema", metavar="FILE",
+        help="answer with JSON that validates against this JSON schema file (structured output, via xgrammar)",
+    )  # fmt: skip
+    parser.add_argument(
         "-v", "--verbose", action="store_true",
         help="print timings on stderr: load, prompt tokens, time to first token, tokens/s",
     )  # fmt: skip
     add_model_arguments(parser)
     add_generation_arguments(parser)
     parser.set_defaults(handler=run_generate)
+
+
+def read_json_schema(path: str) -> dict[str, Any]:
+    """--json-schema FILE as an OpenAI response_format."""
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise CLIError(f"cannot read --json-schema {path!r}: {error.strerror or error}") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CLIError(f"--json-schema {path!r} is not valid JSON: {error}") from error
+    if not isinstance(schema, dict):
+        raise CLIError(f"--json-schema {path!r} must hold a JSON object (a schema)")
+    return {"type": "json_schema", "json_schema": {"name": Path(path).stem, "schema": schema}}
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -321,13 +338,15 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot write {args.annotate!r}: its folder does not exist")
     if args.annotate and Path(args.annotate).suffix.lower() not in Image.registered_extensions():
         raise CLIError(f"cannot write {args.annotate!r}: use an image file extension such as .png or .jpg")
+    response_format = read_json_schema(args.json_schema) if args.json_schema else None
     images = [load_image(source, exif_transpose=args.exif_transpose) for source in args.image]
     started = time.perf_counter()
     pipe = load_chat(args)
     loaded = time.perf_counter()
     messages = [{"role": "user", "content": prompt}]
     options = generation_options(args) | {"exif_transpose": False}  # the images are already loaded (and rotated)
-    answer = stream_answer(pipe.chat(messages, images, stream=True, **options), echo=not args.json)
+    stream = pipe.chat(messages, images, stream=True, response_format=response_format, **options)
+    answer = stream_answer(stream, echo=not args.json)
     result = answer.result
     if result is not None and args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)

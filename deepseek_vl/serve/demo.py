@@ -23,7 +23,8 @@ from deepseek_vl.grounding import draw_grounding
 from deepseek_vl.utils.io import load_image
 
 if TYPE_CHECKING:
-    from deepseek_vl.chat import ChatStream, VLChat
+    from deepseek_vl.chat import VLChat
+    from deepseek_vl.engine import EngineStream
 
 __all__ = ["MODEL_CARD_EXAMPLES", "build_demo", "launch", "run"]
 
@@ -41,6 +42,8 @@ MODEL_CARD_EXAMPLES: tuple[tuple[tuple[str, ...], str], ...] = (
 )
 """(image file names of the official repo's `images/` folder, prompt); images without `<image>` tags go first."""
 
+CONCURRENT_SESSIONS = 8  # sessions answered at the same time (rows of the engine's batch)
+
 INTRO = """# DeepSeek-VL2
 Upload images, ask a question, press **Send**. Ground objects with `<|ref|>the red car<|/ref|>` or
 `<|grounding|>Describe the image.`: the boxes are drawn on the last image. Several images need one `<image>` tag
@@ -54,8 +57,16 @@ def build_demo(
     max_images: int = 8,
     max_image_pixels: int = 4096 * 4096,
 ) -> gr.Blocks:
-    """The demo's page around a loaded `VLChat`; `examples_dir` holds the model card's example images."""
-    active: dict[str, ChatStream] = {}  # session -> its running answer, so Stop can end it from another request
+    """The demo's page around a loaded `VLChat`; `examples_dir` holds the model card's example images.
+
+    Answers come from one continuous-batching `Engine` (started here), so several sessions generate together and
+    a conversation's next turn reuses its images' features and its earlier turns' cache.
+    """
+    from deepseek_vl.engine import Engine
+
+    engine = Engine(chat, max_rows=CONCURRENT_SESSIONS)
+    engine.start()
+    active: dict[str, EngineStream] = {}  # session -> its running answer, so Stop can end it from another request
     context = int(chat.model.config.language_config.max_position_embeddings)
 
     def respond(
@@ -94,7 +105,7 @@ def build_demo(
             room = context - chat.count_prompt_tokens(turn)
             if room < 1:
                 raise ValueError(f"The conversation no longer fits the model's {context}-token context; press Clear.")
-            stream = chat.chat(turn, stream=True, max_new_tokens=min(int(max_new_tokens), room), **options)
+            stream = engine.stream(turn, max_new_tokens=min(int(max_new_tokens), room), **options)
         except ValueError as error:
             yield history, conversation, sent, gr.skip(), f"⚠️ {error}", gr.skip()
             return
@@ -210,8 +221,8 @@ def _summary(result: Any, turn: int) -> str:
 
 
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, prevent_thread_lock: bool = False) -> Any:
-    """Serve the demo: one generation at a time (one model), no share link, no server-side rendering."""
-    demo.queue(default_concurrency_limit=1)
+    """Serve the demo: sessions answered together by the engine, no share link, no server-side rendering."""
+    demo.queue(default_concurrency_limit=CONCURRENT_SESSIONS)
     return demo.launch(
         server_name=host, server_port=port, share=False, prevent_thread_lock=prevent_thread_lock, show_error=True,
         ssr_mode=False, max_file_size="50mb", quiet=True,  # quiet: no hint about a share link the CLI has not
