@@ -72,7 +72,8 @@ def score_with_answers(monkeypatch, tmp_path: Path, task: str, records: list, an
     monkeypatch.setattr(eval_cli, "_answer", fake_answer)
     data = write(tmp_path / f"{task}.jsonl", records)
     summary = eval_cli.evaluate(task, data, model="unused", output_dir=tmp_path / "out")
-    predictions = [json.loads(line) for line in (tmp_path / "out" / f"{task}_predictions.jsonl").read_text().splitlines()]
+    written = (tmp_path / "out" / f"{task}_predictions.jsonl").read_text()
+    predictions = [json.loads(line) for line in written.splitlines()]
     assert json.loads((tmp_path / "out" / f"{task}_summary.json").read_text()) == summary
     return summary, predictions
 
@@ -178,7 +179,8 @@ def test_end_to_end_on_the_golden_checkpoint(tmp_path: Path, load_model, capsys)
     parser = argparse.ArgumentParser()
     eval_cli.add_parser(parser.add_subparsers())
     args = ["eval", "--task", "vqa", "--data", str(data), "--model", TINY, "--device", "cpu"]
-    args = parser.parse_args([*args, "--output-dir", str(tmp_path / "out"), "--max-new-tokens", "4", "--batch-size", "2"])
+    flags = ["--output-dir", str(tmp_path / "out"), "--max-new-tokens", "4", "--batch-size", "2"]
+    args = parser.parse_args([*args, *flags])
     assert args.handler(args) == 0
     printed = json.loads(capsys.readouterr().out)
     predictions = [json.loads(line) for line in (tmp_path / "out" / "vqa_predictions.jsonl").read_text().splitlines()]

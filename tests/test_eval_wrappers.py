@@ -34,7 +34,8 @@ def test_vlmevalkit_mmmu_prompt(vlmeval: DeepSeekVL2) -> None:
     """VLMEvalKit's MMMU prompt, as its DeepSeek-VL2 wrapper rewrites it, with the first image enlarged 2x."""
     question = "Question: Which is brighter, <image 1> or <image 2>?\nOptions:\nA. first\nB. second\n" \
                "Please select the correct answer from the options above. \n"  # fmt: skip
-    message = [{"type": "image", "value": IMAGE}, {"type": "image", "value": SECOND}, {"type": "text", "value": question}]
+    images = [{"type": "image", "value": IMAGE}, {"type": "image", "value": SECOND}]
+    message = [*images, {"type": "text", "value": question}]
     prompt = "<image><image>\n<image 1><image 2> Which is brighter, <image 1> or <image 2>?\nA. first\nB. second\n" \
              "Answer with the option's letter from the given choices directly. Answer the question using a single " \
              "word or phrase.\n \n"  # fmt: skip

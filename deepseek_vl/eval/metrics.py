@@ -53,7 +53,9 @@ def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> flo
 
 
 # The VQA v2 normalisation tables (data from the official scorer).
-_PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PUNCTUATION = [
+    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
+]  # fmt: skip
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
 _ARTICLES = {"a", "an", "the"}

@@ -1,8 +1,8 @@
 """transformers/OpenAI-style chat messages for the DeepSeek-VL2 processor (`processor.apply_chat_template`).
 
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<|ref|>The giraffe<|/ref|>."}]}]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "<|ref|>A giraffe<|/ref|>."}]}]
     processor.apply_chat_template(messages, add_generation_prompt=True)
-    # '<|User|>: <image>\\n<|ref|>The giraffe<|/ref|>.\\n\\n<|Assistant|>:'   (the model card's prompt)
+    # '<|User|>: <image>\\n<|ref|>A giraffe<|/ref|>.\\n\\n<|Assistant|>:'   (the model card's prompt)
 
 An image part renders as `<image>` and a line break, as in the model card's prompts ("<image>\\n<|ref|>...",
 "This is image_1: <image>\\nThis is image_2: ..."); text parts are joined as they are. The official template
@@ -87,6 +87,8 @@ def apply_chat_template(
         return processor.format_messages(messages, system_prompt=system_prompt)
     tags = sum(message["content"].count(processor.image_token) for message in messages)
     if len(sources) != tags:
-        raise ValueError(f"tokenize=True needs every image part to carry its image ({tags} images, {len(sources)} given)")
+        raise ValueError(
+            f"tokenize=True needs every image part to carry its image ({tags} images, {len(sources)} given)"
+        )
     images = [load_image(source) for source in sources]
     return processor(conversations=messages, images=images, force_batchify=True, system_prompt=system_prompt)

@@ -83,7 +83,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--merge", type=positive_int, metavar="N",
         help="combine the N shard outputs of OUTPUT into OUTPUT, in input order; loads no model",
     )  # fmt: skip
-    scale.add_argument("--ray", action="store_true", help="answer on a Ray cluster, one model per actor ([distributed])")
+    scale.add_argument(
+        "--ray", action="store_true", help="answer on a Ray cluster, one model per actor (the [distributed] extra)"
+    )
     scale.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: RAY_ADDRESS or local)")
     scale.add_argument(
         "--concurrency", type=positive_int, default=1, metavar="N", help="Ray actors, each with its model (default: 1)"
