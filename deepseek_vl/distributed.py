@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deepseek_vl.options import GenerationOptions
+from deepseek_vl.options import GenerationOptions, ModelLoadError
 
 if TYPE_CHECKING:
     from deepseek_vl.chat import ChatResult, VLChat
@@ -240,10 +240,13 @@ def run_ray_batch(
     Rows are plain JSON-able dicts; lists and objects travel as JSON text so that Arrow never has to unify
     the shapes of different rows. `address` None starts (or joins, via RAY_ADDRESS) a local cluster.
     """
+    model = str(predictor_kwargs.get("model", ""))
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():  # caught here, not in each actor
+        raise ModelLoadError(f"model folder {model!r} does not exist")
     try:
         import ray
     except ImportError as error:
-        raise RuntimeError('--ray needs Ray: pip install "deepseek-vl2[distributed]"') from error
+        raise ModelLoadError('Ray is not installed: pip install "deepseek-vl2[distributed]"') from error
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     context = ray.data.DataContext.get_current()

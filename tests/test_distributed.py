@@ -69,6 +69,14 @@ def test_bad_constructor_options_fail_early() -> None:
         VLPredictor(TINY, temperature=-1)
 
 
+def test_ray_run_refuses_a_missing_model_folder_before_starting_ray(tmp_path) -> None:
+    from deepseek_vl.distributed import run_ray_batch
+    from deepseek_vl.options import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        next(run_ray_batch([(1, {"prompt": "Hi"})], {"model": str(tmp_path / "nowhere")}))
+
+
 @pytest.mark.slow
 def test_ray_data_map_batches_as_documented() -> None:
     """The README's usage on a local `ray.init()`: two CPU actors, rows as Ray Data hands them over."""

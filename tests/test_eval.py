@@ -212,3 +212,17 @@ def test_eval_is_a_command_and_builds_its_parser_without_torch() -> None:
     assert SUBCOMMANDS["eval"] == "deepseek_vl.eval.cli:add_parser"
     code = "import sys; from deepseek_vl.serve.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_eval_on_ray_gives_the_local_answers(tmp_path: Path) -> None:
+    (tmp_path / "q.png").write_bytes((GOLDEN / "images" / "tiny_8x8.png").read_bytes())
+    records = [{"id": n, "image": "q.png", "question": q, "answers": ["a"] * 10} for n, q in enumerate(["Hi?", "Why?"])]
+    data = write(tmp_path / "vqa.jsonl", records + [{"id": 9, "image": "none.png", "question": "?", "answers": ["a"]}])
+    runs = {}
+    for way, flags in (("batches", {}), ("ray", {"ray": True, "concurrency": 2})):
+        summary = eval_cli.evaluate("vqa", data, model=TINY, device="cpu", output_dir=tmp_path / way, max_new_tokens=3,
+                                    batch_size=1, **flags)  # fmt: skip
+        assert summary["answered_by"] == way and summary["errors"] == 1  # the missing image, recorded
+        runs[way] = (tmp_path / way / "vqa_predictions.jsonl").read_text()
+    assert runs["ray"] == runs["batches"]
