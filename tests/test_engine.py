@@ -24,7 +24,7 @@ REQUESTS = [
     ([{"role": "user", "content": "Hello!"}], 9),
     ([{"role": "user", "content": "Describe this.", "images": [PICTURE]}], 4),
     ([{"role": "user", "content": "Tell me a story about a fox. " * 12}], 6),
-    ([{"role": "user", "content": "Compare.", "images": [str(IMAGES / "tiny_8x8.png"), str(IMAGES / "gray_300x200.png")]}], 11),
+    ([{"role": "user", "content": "Compare.", "images": [str(IMAGES / "tiny_8x8.png"), PICTURE]}], 11),
     ([{"role": "user", "content": "What is two plus two?"}], 2),
     ([{"role": "user", "content": "A", "images": [str(IMAGES / "tiny_8x8.png")]}], 7),
 ]
@@ -155,7 +155,8 @@ def test_json_schema_output_parses_and_validates(tiny: VLChat):
     response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
     engine = Engine(tiny, max_rows=3)
     handles = [
-        engine.submit([{"role": "user", "content": "A person as JSON."}], max_new_tokens=120, response_format=response_format),
+        engine.submit([{"role": "user", "content": "A person as JSON."}], max_new_tokens=120,
+                      response_format=response_format),
         engine.submit([{"role": "user", "content": "Another."}], max_new_tokens=8),
     ]
     run_until_done(engine, handles)
@@ -165,7 +166,8 @@ def test_json_schema_output_parses_and_validates(tiny: VLChat):
     with pytest.raises(ValueError, match="not a usable JSON schema: Type should be a string"):
         bad = {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}
         engine.submit([{"role": "user", "content": "x"}], response_format=bad)
-    alone = tiny.chat([{"role": "user", "content": "A person as JSON."}], max_new_tokens=120, response_format=response_format)
+    question = [{"role": "user", "content": "A person as JSON."}]
+    alone = tiny.chat(question, max_new_tokens=120, response_format=response_format)
     assert alone.token_ids == answer.token_ids  # VLChat (generate + xgrammar's logits processor) agrees
 
 

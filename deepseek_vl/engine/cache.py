@@ -57,8 +57,9 @@ class SlotCache:
         grown = max(positions, 2 * self.capacity)
         grown = min(-(-grown // GROWTH_QUANTUM) * GROWTH_QUANTUM, self.max_positions)
         (ha, da), (hb, db) = self.shapes
-        new_a = [torch.zeros(self.rows, ha, grown, da, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
-        new_b = [torch.zeros(self.rows, hb, grown, db, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        options = {"dtype": self.dtype, "device": self.device}
+        new_a = [torch.zeros(self.rows, ha, grown, da, **options) for _ in range(self.layers)]
+        new_b = [torch.zeros(self.rows, hb, grown, db, **options) for _ in range(self.layers)]
         for old, new in zip(self.a + self.b, new_a + new_b):
             new[:, :, : self.capacity] = old
         self.a, self.b, self.capacity = new_a, new_b, grown
@@ -89,7 +90,7 @@ class SlotCache:
         return cache_a[self._rows, :, : self._end], cache_b[self._rows, :, : self._end]
 
     def exchange(self, slot_a: int, length_a: int, slot_b: int, length_b: int) -> None:
-        """Swap two slots' first entries (``length_a`` of slot a, ``length_b`` of slot b); a length of 0 moves one way."""
+        """Swap two slots' first entries (``length_a`` of a, ``length_b`` of b); a length of 0 moves one way."""
         for tensor in self.a + self.b:
             kept = tensor[slot_a, :, :length_a].clone() if length_a else None
             if length_b:

@@ -131,7 +131,8 @@ class Engine:
         if response_format is not None:
             from deepseek_vl.engine.grammar import grammar_for
 
-            grammar = grammar_for(self.chat.tokenizer, self.chat.model.config.language_config.vocab_size, response_format)
+            vocab_size = self.chat.model.config.language_config.vocab_size
+            grammar = grammar_for(self.chat.tokenizer, vocab_size, response_format)
         seq = Sequence(sample_, settings, last_size, grammar, on_piece, on_done)
         if cancel is not None:
             seq.cancel = cancel

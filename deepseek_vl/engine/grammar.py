@@ -50,7 +50,8 @@ def compile_response_format(tokenizer: Any, vocab_size: int, response_format: di
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise ValueError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
     try:
-        return compiler.compile_json_schema(json.dumps(spec["schema"]), any_whitespace=False, strict_mode=bool(spec.get("strict", True)))
+        strict = bool(spec.get("strict", True))
+        return compiler.compile_json_schema(json.dumps(spec["schema"]), any_whitespace=False, strict_mode=strict)
     except (RuntimeError, ValueError, TypeError) as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         reason = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", reason)  # xgrammar's "[time] file.cc:line: " prefix

@@ -101,7 +101,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence, count: int) -> torch.Tensor | None:
-        """Run ``count`` more prompt tokens of one sequence; the (V,) logits of its next token once the prompt is done."""
+        """Run ``count`` more prompt tokens of one sequence; the (V,) logits of its next token once all are run."""
         start = seq.cached
         self.cache.reserve(start + count)
         self.cache.plan_prefill(seq.slot, start, count)

@@ -40,7 +40,8 @@ def sample(logits: torch.Tensor, rows: Seq[Sequence]) -> list[int]:
 
 
 def penalise(scores: torch.Tensor, seq: Sequence) -> None:
-    """CTRL's repetition penalty over every token seen (prompt and answer): divide positive scores, multiply negative."""
+    """CTRL's repetition penalty over every token seen (prompt and answer): positive scores divided, negative
+    multiplied."""
     seen = torch.tensor(seq.prompt_ids + seq.output, device=scores.device).unique()
     penalty = seq.options.repetition_penalty
     picked = scores[seen]

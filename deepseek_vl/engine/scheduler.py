@@ -34,7 +34,7 @@ class Step:
 
 
 class Scheduler:
-    """Decoding rows hold slots 0..d-1 (so the decode batch is one slice of the cache); prefills take slots from the top."""
+    """Decoding rows hold slots 0..d-1 (the decode batch is one cache slice); prefills take slots from the top."""
 
     def __init__(self, max_rows: int, prefill_budget: int) -> None:
         if max_rows < 1 or prefill_budget < 1:
