@@ -122,9 +122,10 @@ def test_docvqa_and_vqa_files(monkeypatch, tmp_path: Path) -> None:
         {"id": 1, "image": "page.png", "question": "How many?", "answers": ["2"] * 10},
         {"id": 2, "image": "page.png", "question": "How many?", "answers": ["2", "2", "two", "2.", *["3"] * 6]},
         {"id": 3, "image": "page.png", "question": "Is it?", "answers": ["no"] * 10},
-        {"id": 4, "image": "page.png", "question": "What?", "answers": ["dog"] * 3 + ["cat"] * 7},
-    ]
-    answers = ["Two", "2", "yes", "The dog."]  # 1, 0.9, 0, (3 * 2/3 + 7) / 10 = 0.9
+        {"id": 4, "image": "page.png", "question": "What?",
+         "answers": [{"answer": a, "answer_id": n} for n, a in enumerate(["dog"] * 3 + ["cat"] * 7, 1)]},
+    ]  # fmt: skip
+    answers = ["Two", "2", "yes", "The dog."]  # 1, 0.9, 0, (3 * 2/3 + 7) / 10 = 0.9 (official annotation format)
     summary, _ = score_with_answers(monkeypatch, tmp_path, "vqa", vqa, answers)
     assert summary["score"] == pytest.approx(0.7) and summary["errors"] == 0
 

@@ -4,7 +4,8 @@ Data files are JSONL, one sample per line, in each benchmark's usual fields (ima
 
     refcoco     {"id", "image", "expression", "bbox": [x, y, w, h]}          (COCO pixels; score: IoU >= 0.5)
     docvqa      {"id", "image", "question", "answers": ["...", ...]}          (score: ANLS)
-    vqa         {"id", "image", "question", "answers": [10 human answers]}    (score: VQA accuracy)
+    vqa         {"id", "image", "question", "answers": [10 human answers]}    (score: VQA accuracy; strings or
+                                                                               the official {"answer": ...} objects)
     mmmu-style  {"id", "images" (or "image"), "question", "options": [...] or {"A": ...}, "answer": "B", "hint"?}
 
 Prompts are the ones DeepSeek-VL2 is evaluated with: the model card's grounding prompt for RefCOCO, and
@@ -57,10 +58,12 @@ def _image(record: dict[str, Any], folder: Path) -> str:
 
 
 def _answers(record: dict[str, Any]) -> list[str]:
+    """The accepted answers: strings, or the official VQA annotation's {"answer": ..., "answer_id": ...} objects."""
     answers = record["answers"]
     if isinstance(answers, str) or not isinstance(answers, list) or not answers:
         raise ValueError('"answers" must be a non-empty list of strings')
-    return [str(answer) for answer in answers]
+    return [str(answer["answer"]) if isinstance(answer, dict) and "answer" in answer else str(answer)
+            for answer in answers]  # fmt: skip
 
 
 def _build_refcoco(record: dict[str, Any], folder: Path) -> tuple[str, list]:
