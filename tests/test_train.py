@@ -275,3 +275,82 @@ def test_resume_continues_the_same_loss_curve(trained, tmp_path) -> None:
     _, tail = finetune_run(resumed, data, resume=str(resumed / "checkpoint-8"))  # steps 9..12 run again
     assert len(tail) == 12 and tail[:8] == losses[:8]  # the first 8 come from the checkpoint's trainer state
     torch.testing.assert_close(torch.tensor(tail[8:]), torch.tensor(losses[8:]), atol=1e-5, rtol=1e-5)
+
+
+# --- data parallel ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two torchrun launches: about 90 s on 2 cores
+def test_two_process_gloo_ddp_equals_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
+    """torchrun, 2 CPU processes on gloo with 1 row each == 1 process with both rows: losses and updated weights.
+
+    The two rows differ in length (one has an image), so this also checks that the loss is normalised by the
+    global label-token count and that the balance loss ignores the padding of the single-process batch.
+    """
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "train.jsonl", TRAIN_ROWS[:2])
+    worker = Path(__file__).with_name("train_ddp_worker.py")
+    runs = {}
+    for processes, batch in ((1, 2), (2, 1)):
+        output = tmp_path / f"run{processes}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                   "--master-port", str(29500 + processes), str(worker), str(data), str(output), str(batch)]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[processes] = json.loads((output / "result.json").read_text()), load_file(output / "adapter_model.safetensors")
+    (one, weights_one), (two, weights_two) = runs[1], runs[2]
+    assert one["world"] == 1 and two["world"] == 2 and len(one["losses"]) == 3
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
+    assert one["losses"][-1] < one["losses"][0]
+    assert weights_one.keys() == weights_two.keys()
+    assert max(v.abs().max() for k, v in weights_one.items() if "lora_B" in k) > 1e-3  # the update is not nothing
+    for name, value in weights_one.items():
+        torch.testing.assert_close(weights_two[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# --- command line -----------------------------------------------------------------------------------------------
+
+
+def test_finetune_validate_reports_statistics(tmp_path: Path, capsys) -> None:
+    from deepseek_vl.serve.cli import main
+
+    data = write_jsonl(tmp_path / "train.jsonl", TRAIN_ROWS)
+    assert main(["finetune", "--model", str(TINY), "--data", str(data), "--validate"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 4 conversations, 1 images" in out and "all rows are valid" in out
+    assert main(["finetune", "--model", str(TINY), "--data", str(data), "--validate", "--max-length", "100"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2: the conversation is 4" in err and "over the limit of 100" in err and "1 row(s) would fail" in err
+
+
+def test_finetune_bad_rows_and_qlora_on_cpu_are_one_clear_error(tmp_path: Path, capsys) -> None:
+    from deepseek_vl.serve.cli import main
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [TRAIN_ROWS[0], "[]", {"messages": []}])
+    assert main(["finetune", "--model", str(TINY), "--data", str(bad), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "2 bad row(s)" in err and f"{bad}:2:" in err and f"{bad}:3:" in err and "Traceback" not in err
+    if not torch.cuda.is_available():
+        good = write_jsonl(tmp_path / "good.jsonl", TRAIN_ROWS[:1])
+        code = main(["finetune", "--model", str(TINY), "--data", str(good), "--method", "qlora", "--output",
+                     str(tmp_path / "q")])  # fmt: skip
+        assert code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_merge_command_and_help_stay_light(trained, tmp_path: Path, capsys) -> None:
+    import subprocess
+    import sys
+
+    from deepseek_vl.serve.cli import main
+
+    _, _, output, _ = trained
+    assert main(["merge", "--adapter", str(output), "--output", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert main(["merge", "--adapter", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
+    assert "not a LoRA adapter folder" in capsys.readouterr().err
+    probe = "import sys; from deepseek_vl.serve.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"

@@ -44,6 +44,7 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=int, default=1, help="conversations per device and step")
     train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 LoRA, 1e-5 full)")
+    train.add_argument("--optim", default="adamw_torch", help="a transformers optimizer name (default: %(default)s)")
     train.add_argument("--max-length", type=int, default=None, help="refuse conversations longer than N tokens")
     train.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, much more memory")
     train.add_argument("--logging-steps", type=int, default=10)
@@ -107,7 +108,7 @@ def finetune_command(args: argparse.Namespace) -> int:
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         learning_rate=args.lr if args.lr is not None else (1e-5 if args.method == "full" else 2e-4),
-        max_length=args.max_length, gradient_checkpointing=not args.no_gradient_checkpointing,
+        optimizer=args.optim, max_length=args.max_length, gradient_checkpointing=not args.no_gradient_checkpointing,
         logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps, seed=args.seed,
         dtype=args.dtype, resume=args.resume,
     )  # fmt: skip

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from deepseek_vl.train.collate import Collator
@@ -44,6 +44,7 @@ class FinetuneConfig:
     batch_size: int = 1
     grad_accum: int = 1
     learning_rate: float = 2e-4
+    optimizer: str = "adamw_torch"  # any transformers optim name ("sgd", "adamw_torch_fused", "paged_adamw_8bit", ...)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_length: int | None = None
@@ -85,6 +86,7 @@ def load_model(config: FinetuneConfig):
 
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
+    set_seed(config.seed)  # the LoRA initialisation is random: same seed, same run, however many processes
     folder = resolve_model_folder(config.model)
     processor = DeepseekVLV2Processor.from_pretrained(folder)
     dtype = resolve_dtype(config.dtype, config.method)
@@ -135,6 +137,7 @@ def training_arguments(config: FinetuneConfig, has_eval: bool) -> TrainingArgume
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
+        optim=config.optimizer,
         warmup_steps=config.warmup_ratio,
         weight_decay=config.weight_decay,
         lr_scheduler_type="cosine",

@@ -1,0 +1,31 @@
+"""One LoRA fine-tuning run for the data-parallel test: `torchrun --nproc-per-node N tests/train_ddp_worker.py DATA OUT B`.
+
+B is the per-process batch; the rank-0 process writes OUT/result.json (losses) and the adapter to OUT. Plain SGD:
+Adam's first steps are sign(gradient), which turns float32 rounding noise in near-zero gradients into full steps.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from golden import checkpoint  # noqa: E402
+
+from deepseek_vl.train.data import read_jsonl  # noqa: E402
+from deepseek_vl.train.trainer import FinetuneConfig, build_trainer, load_model  # noqa: E402
+
+torch.set_num_threads(1)
+data, output, batch = read_jsonl(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+config = FinetuneConfig(model=str(checkpoint("tiny")), output=str(output), max_steps=3, batch_size=batch,
+                        learning_rate=0.05, optimizer="sgd", logging_steps=1, save_steps=100, warmup_ratio=0.0, lora_dropout=0.0)
+model, processor = load_model(config)
+trainer = build_trainer(config, model, processor, data, None)
+trainer.train()
+trainer.save_model(str(output))
+if trainer.is_world_process_zero():
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    (output / "result.json").write_text(json.dumps({"losses": losses, "world": trainer.args.world_size, "log": trainer.state.log_history}))
