@@ -182,3 +182,22 @@ def test_cli_json_schema(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{not json")
     assert main([*args, "--json-schema", str(tmp_path / "bad.json")]) == 2
     assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_prefix_cache_is_bounded_and_finds_the_longest_prefix():
+    import torch
+
+    from deepseek_vl.engine.reuse import PrefixCache
+
+    def entries(length: int) -> list:
+        return [(torch.full((1, length, 2), float(length)), torch.zeros(1, length, 2))]  # 16 bytes per position
+
+    cache = PrefixCache(capacity_bytes=16 * 100, min_length=4)
+    cache.store_sequence(list(range(40)), entries(40))
+    cache.store_sequence(list(range(50)), entries(50))
+    hit = cache.lookup(list(range(45)) + [-7, -8])
+    assert hit.length == 45 and float(hit.entries[0][0][0, 0, 0]) == 50  # the longer entry, cut to what matches
+    assert cache.lookup([9, 9, 9, 9, 9, 9]) is None  # no entry starts this way
+    cache.store_sequence(list(range(30)), entries(30))  # 40 + 50 + 30 > 100 positions: the least recent goes
+    assert cache.store.size <= cache.store.capacity and tuple(range(40)) not in cache.store.entries
+    assert sum(map(len, cache.buckets.values())) == len(cache.store.entries) == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -33,8 +33,8 @@ def image_key(tiles: torch.Tensor, crop: Sequence[int]) -> str:
 class LRUBytes(Generic[V]):
     """A least-recently-used map holding at most ``capacity`` bytes; counts hits and misses."""
 
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int, on_evict: Callable[[object], None] | None = None) -> None:
+        self.capacity, self.on_evict = capacity, on_evict
         self.entries: collections.OrderedDict[object, tuple[V, int]] = collections.OrderedDict()
         self.size = self.hits = self.misses = 0
         self.lock = threading.Lock()
@@ -58,11 +58,16 @@ class LRUBytes(Generic[V]):
             self.entries[key] = (value, nbytes)
             self.size += nbytes
             while self.size > self.capacity:
-                self.size -= self.entries.popitem(last=False)[1][1]
+                evicted, (_, size) = self.entries.popitem(last=False)
+                self.size -= size
+                if self.on_evict is not None:
+                    self.on_evict(evicted)
 
-    def values(self) -> list[tuple[object, V]]:
+    def peek(self, key: object) -> V | None:
+        """The value without counting a lookup or refreshing it."""
         with self.lock:
-            return [(key, value) for key, (value, _) in self.entries.items()]
+            entry = self.entries.get(key)
+            return None if entry is None else entry[0]
 
     def touch(self, key: object) -> None:
         with self.lock:
@@ -81,25 +86,36 @@ class PrefixCache:
 
     A token key is the token id, except at image positions, where it is a number derived from the image's content
     hash: two prompts share a prefix only if their tokens and their images agree. Entries are whole sequences
-    (prompt and answer), so the next turn of a conversation, which repeats them, skips their prefill.
+    (prompt and answer), so the next turn of a conversation, which repeats them, skips their prefill. Only entries
+    that agree on the first ``min_length`` keys are compared (a dict of buckets), so a lookup stays cheap however
+    many entries the memory holds.
     """
 
-    def __init__(self, capacity_bytes: int, min_length: int = 16) -> None:
-        self.store: LRUBytes[tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]] = LRUBytes(
-            capacity_bytes
-        )
+    def __init__(self, capacity_bytes: int, min_length: int = 32) -> None:
+        self.store: LRUBytes[list[tuple[torch.Tensor, torch.Tensor]]] = LRUBytes(capacity_bytes, self._forget)
+        self.buckets: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
         self.min_length = min_length
         self.lookups = self.hits = 0
         self.reused_tokens = 0
+
+    def _forget(self, keys: object) -> None:
+        bucket = self.buckets.get(keys[: self.min_length])  # type: ignore[index]
+        if bucket is not None:
+            bucket.discard(keys)  # type: ignore[arg-type]
+            if not bucket:
+                del self.buckets[keys[: self.min_length]]  # type: ignore[index]
 
     def lookup(self, keys: Sequence[int]) -> PrefixHit | None:
         """The longest stored prefix of ``keys`` shorter than ``keys`` (one token must be left to compute logits)."""
         best_key, best_length, best_entries = None, 0, None
         limit = len(keys) - 1
-        for key, (stored, entries) in self.store.values():
+        with self.store.lock:
+            candidates = list(self.buckets.get(tuple(keys[: self.min_length]), ()))
+        for stored in candidates:
             length = common_prefix(stored, keys, limit)
-            if length > best_length:
-                best_key, best_length, best_entries = key, length, entries
+            entries = self.store.peek(stored) if length > best_length else None
+            if entries is not None:
+                best_key, best_length, best_entries = stored, length, entries
         self.lookups += 1
         if best_entries is None or best_length < self.min_length:
             return None
@@ -111,7 +127,11 @@ class PrefixCache:
     def store_sequence(self, keys: Sequence[int], entries: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         keys = tuple(keys)
         nbytes = sum(a.nbytes + b.nbytes for a, b in entries)
-        self.store.put(keys, (keys, entries), nbytes)
+        if nbytes > self.store.capacity:
+            return
+        with self.store.lock:
+            self.buckets.setdefault(keys[: self.min_length], set()).add(keys)
+        self.store.put(keys, entries, nbytes)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
