@@ -32,7 +32,7 @@ from deepseek_vl.grounding import GroundingResult, parse_grounding
 from deepseek_vl.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from deepseek_vl.models.processing import VLChatProcessorOutput
 from deepseek_vl.options import DEFAULT_MODEL, GenerationOptions, ModelLoadError
-from deepseek_vl.utils.io import load_image
+from deepseek_vl.utils.io import DEFAULT_MAX_PIXELS, load_image
 
 __all__ = ["DEFAULT_MODEL", "ChatResult", "ChatStream", "GenerationOptions", "ModelLoadError", "VLChat"]
 
@@ -74,8 +74,10 @@ class VLChat:
     """Chat, batch and streaming generation over a DeepSeek-VL2 model and its processor.
 
     One generation runs at a time per instance (a lock serialises callers), so seeds stay reproducible when
-    several threads share it.
+    several threads share it. `max_image_pixels` caps width * height of every image it loads (None: no cap).
     """
+
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __init__(self, model: DeepseekVLV2ForCausalLM, processor: DeepseekVLV2Processor) -> None:
         self.model = model
@@ -210,7 +212,9 @@ class VLChat:
         self, messages: list[dict[str, Any]], images: list | None, system_prompt: str | None, exif_transpose: bool
     ) -> tuple[VLChatProcessorOutput, tuple[int, int] | None]:
         """Official-role conversation + loaded images -> one processor sample, and the last image's size."""
-        conversation, pil_images = build_conversation(messages, images, system_prompt, exif_transpose)
+        conversation, pil_images = build_conversation(
+            messages, images, system_prompt, exif_transpose, max_pixels=self.max_image_pixels
+        )
         sample = self.processor.process_one(conversations=conversation, images=pil_images, inference_mode=True)
         return sample, (pil_images[-1].size if pil_images else None)
 
@@ -303,7 +307,11 @@ class VLChat:
 
 
 def build_conversation(
-    messages: list[dict[str, Any]], images: list | None, system_prompt: str | None, exif_transpose: bool
+    messages: list[dict[str, Any]],
+    images: list | None,
+    system_prompt: str | None,
+    exif_transpose: bool,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[list[dict[str, str]], list[Image.Image]]:
     """Normalise roles, attach and load images, add the system message and the open assistant turn."""
     if not isinstance(messages, list) or not messages:
@@ -346,7 +354,11 @@ def build_conversation(
         conversation.insert(0, {"role": SYSTEM, "content": system_prompt})
     if conversation[-1]["role"] != ASSISTANT:
         conversation.append({"role": ASSISTANT, "content": ""})
-    pil_images = [load_image(source, exif_transpose=exif_transpose) for sources in per_message for source in sources]
+    pil_images = [
+        load_image(source, exif_transpose=exif_transpose, max_pixels=max_pixels)
+        for sources in per_message
+        for source in sources
+    ]
     return conversation, pil_images
 
 
@@ -441,6 +453,7 @@ class _PieceStreamer(BaseStreamer):
         self._pieces = pieces
         self._tokens: list[int] | None = None
         self._emitted = ""
+        self._partial = _StopPrefixes(stops)
 
     def put(self, value: torch.Tensor) -> None:
         if self._tokens is None:
@@ -449,7 +462,8 @@ class _PieceStreamer(BaseStreamer):
         self._tokens.extend(value.reshape(-1).tolist())
         raw = self._decode(self._tokens)
         if not any(s in raw for s in self._stops):
-            raw = raw[: len(raw) - _partial_stop_length(raw, self._stops)].rstrip("\ufffd")
+            raw = raw.rstrip("\ufffd")
+            raw = raw[: len(raw) - self._partial.longest(raw)]
         self.emit(final_text(raw, self._stops))
 
     def end(self) -> None:
@@ -462,9 +476,44 @@ class _PieceStreamer(BaseStreamer):
             self._emitted = stable
 
 
-def _partial_stop_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that is the beginning of a stop string."""
-    return max((n for s in stops for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+class _StopPrefixes:
+    """The longest end of a growing text that begins a stop string, in time linear in the text added (KMP).
+
+    Per stop string, the state is how many of its first characters the text ends with; each new character advances
+    it along the Knuth-Morris-Pratt failure links. Comparing every end with every prefix instead costs len(stop)^2
+    per token, which let a client stall the server with a few long stop strings.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = list(stops)
+        self._failure = [_failure_links(stop) for stop in self._stops]
+        self._text = ""
+        self._states = [0] * len(self._stops)
+
+    def longest(self, text: str) -> int:
+        if not text.startswith(self._text):  # the decoded text changed before its end: start over
+            self._text, self._states = "", [0] * len(self._stops)
+        for char in text[len(self._text) :]:
+            for index, stop in enumerate(self._stops):
+                state, failure = self._states[index], self._failure[index]
+                if state == len(stop):
+                    state = failure[state - 1]
+                while state and stop[state] != char:
+                    state = failure[state - 1]
+                self._states[index] = state + (stop[state] == char)
+        self._text = text
+        return max((state for state, stop in zip(self._states, self._stops) if state < len(stop)), default=0)
+
+
+def _failure_links(pattern: str) -> list[int]:
+    """failure[i]: length of the longest proper prefix of pattern[: i + 1] that is also its suffix."""
+    failure, state = [0] * len(pattern), 0
+    for index in range(1, len(pattern)):
+        while state and pattern[index] != pattern[state]:
+            state = failure[state - 1]
+        state += pattern[index] == pattern[state]
+        failure[index] = state
+    return failure
 
 
 class _StopCriteria(StoppingCriteria):
