@@ -63,7 +63,8 @@ def run_batch(*args: str) -> int:
     return main(["batch", *args, "--model", TINY, "--max-new-tokens", "3", "--batch-size", "2"])
 
 
-def test_batch_end_to_end_answers_each_line_once_and_resumes(tmp_path: Path) -> None:
+def test_batch_end_to_end_answers_each_line_once_and_resumes(tmp_path: Path, loads: list[str], capsys) -> None:
+    """The first run in a subprocess, as a user runs it; the resumed run in-process (the same code path)."""
     requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
     write_requests(requests)
     args = [sys.executable, "-m", "deepseek_vl", "batch", str(requests), str(answers), "--model", TINY]
@@ -81,9 +82,8 @@ def test_batch_end_to_end_answers_each_line_once_and_resumes(tmp_path: Path) -> 
 
     lines = answers.read_text().splitlines(keepends=True)
     answers.write_text(lines[0] + lines[1][:10])  # as if killed while writing the second record
-    second = subprocess.run(args, capture_output=True, text=True, timeout=300, env=os.environ)
-    assert second.returncode == 1, second.stderr
-    assert "4 lines answered (2 errors), 1 already done" in second.stderr
+    assert run_batch(str(requests), str(answers)) == 1
+    assert "4 lines answered (2 errors), 1 already done" in capsys.readouterr().err
     assert {r["line"]: r for r in records(answers)} == by_line  # greedy: the same answers, in input order
 
 

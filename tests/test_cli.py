@@ -10,6 +10,7 @@ import pty
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from PIL import Image
 
 from deepseek_vl.chat import VLChat
 from deepseek_vl.models import DeepseekVLV2Processor
+import deepseek_vl.serve.cli as cli_module
 from deepseek_vl.serve.cli import main
 from golden import GOLDEN, checkpoint
 
@@ -49,17 +51,23 @@ def test_generate_prints_the_answer(tiny: VLChat) -> None:
     assert f"Loading {TINY} on cpu (float32)..." in run.stderr
 
 
-def test_generate_json_and_annotate(tiny: VLChat, tmp_path: Path) -> None:
+@pytest.fixture
+def loaded(tiny: VLChat, monkeypatch: pytest.MonkeyPatch) -> VLChat:
+    """In-process commands use the session's model instead of loading one (subprocess tests load for real)."""
+    monkeypatch.setattr(cli_module, "load_chat", lambda args: tiny)
+    return tiny
+
+
+def test_generate_json_and_annotate(loaded: VLChat, tmp_path: Path, capsys) -> None:
     """Also checks that generation options reach chat(): the same call in-process gives the same JSON."""
     options = {"system_prompt": "Answer briefly.", "chunk_size": 256, "temperature": 0.5, "seed": 7, "stop": "zz"}
     messages = [{"role": "user", "content": GROUNDING_PROMPT, "images": [GIRAFFES]}]
-    expected = tiny.chat(messages, max_new_tokens=5, **options)
+    expected = loaded.chat(messages, max_new_tokens=5, **options)
     out = tmp_path / "boxes.png"
-    args = ("generate", GROUNDING_PROMPT, "-i", GIRAFFES, "--model", TINY, "--max-new-tokens", "5")
-    flags = ("--system-prompt", "Answer briefly.", "--chunk-size", "256", "--temperature", "0.5", "--seed", "7")
-    run = cli(*args, *flags, "--stop", "zz", "--json", "--annotate", str(out))
-    assert run.returncode == 0, run.stderr
-    data = json.loads(run.stdout)
+    args = ["generate", GROUNDING_PROMPT, "-i", GIRAFFES, "--model", TINY, "--max-new-tokens", "5"]
+    flags = ["--system-prompt", "Answer briefly.", "--chunk-size", "256", "--temperature", "0.5", "--seed", "7"]
+    assert main([*args, *flags, "--stop", "zz", "--json", "--annotate", str(out)]) == 0
+    data = json.loads(capsys.readouterr().out)
     assert data == expected.to_dict()
     assert set(data) == {"text", "boxes", "prompt_tokens", "completion_tokens", "finish_reason"}
     assert Image.open(out).format == "PNG" and Image.open(out).size == Image.open(GIRAFFES).size
@@ -181,8 +189,6 @@ def test_missing_optional_dependency_is_one_line(tmp_path: Path) -> None:
 
 
 def test_busy_port_is_found_before_the_model_loads() -> None:
-    import socket
-
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -191,7 +197,7 @@ def test_busy_port_is_found_before_the_model_loads() -> None:
             started = time.perf_counter()
             run = cli(command, "--model", "/no/such/model", "--port", port)
             assert run.returncode == 2 and f"port {port} on 127.0.0.1 is in use" in run.stderr, run.stderr
-            assert "Loading" not in run.stderr and time.perf_counter() - started < 30
+            assert "Loading" not in run.stderr and time.perf_counter() - started < 3
 
 
 class Terminal:
@@ -244,6 +250,7 @@ class Terminal:
         os.close(self.fd)
 
 
+@pytest.mark.slow
 def test_chat_repl_in_a_terminal(tiny: VLChat) -> None:
     """A question stopped with Ctrl-C, /reset, a bad /image, /image + a question, a follow-up (history kept), /exit."""
     env = {**os.environ, "TERM": "dumb"}
@@ -306,6 +313,7 @@ def test_ctrl_c_keeps_the_partial_answer_and_exits_130(tiny: VLChat) -> None:
     assert 0 < tokens < 2000 and (first.decode() + rest) == expected + "\n"  # all that was generated, intact
 
 
+@pytest.mark.slow
 def test_ctrl_c_with_json_prints_the_partial_answer_as_cancelled() -> None:
     """On a terminal, --json shows progress on stderr; Ctrl-C still prints the JSON, finish_reason cancelled."""
     argv = [sys.executable, "-m", "deepseek_vl", "generate", "Tell me a long story.", "--model", TINY, "--json",
@@ -323,6 +331,7 @@ def test_ctrl_c_with_json_prints_the_partial_answer_as_cancelled() -> None:
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_loading_is_one_line() -> None:
     process = start_generate("--max-new-tokens", "2000")
     try:
@@ -336,9 +345,47 @@ def test_ctrl_c_while_loading_is_one_line() -> None:
     assert "Traceback" not in err and err.rstrip().endswith(("deepseek-vl2: interrupted", "tokens generated are kept"))
 
 
-def test_max_new_tokens_beyond_the_context_is_refused_at_once() -> None:
+def test_max_new_tokens_beyond_the_context_is_refused_at_once(loaded: VLChat, capsys) -> None:
     started = time.perf_counter()
-    run = cli("generate", "Hi", "--model", TINY, "--max-new-tokens", "100000000")
-    assert run.returncode == 2 and time.perf_counter() - started < 60
-    last = run.stderr.strip().splitlines()[-1]
-    assert "context length exceeded" in last and "context of 4096 tokens" in last and "lower max_new_tokens to" in last
+    assert main(["generate", "Hi", "--model", TINY, "--max-new-tokens", "100000000"]) == 2
+    assert time.perf_counter() - started < 30
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "context length exceeded" in err and "context of 4096 tokens" in err
+    assert "lower max_new_tokens to" in err
+
+
+@pytest.mark.slow
+def test_serve_ctrl_c_ends_a_running_stream_and_exits_0() -> None:
+    """The first Ctrl-C stops the generation: the open stream gets an error event and ends, the server exits 0."""
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "deepseek_vl", "serve", "--model", TINY, "--model-name", "tiny", "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1, trust_env=False).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        request = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a long story."}],
+                   "max_tokens": 3000, "stream": True}  # fmt: skip
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        with httpx.Client(trust_env=False, timeout=60) as client, client.stream("POST", url, json=request) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))  # the answer is streaming
+            server.send_signal(signal.SIGINT)
+            stopped = time.monotonic()
+            rest = list(lines)
+        assert time.monotonic() - stopped < 20, "the stream went on after Ctrl-C"
+        assert server.wait(timeout=60) == 0
+        err = server.stderr.read()
+    finally:
+        server.kill()
+    events = [line for line in rest if line.startswith("data:")]
+    assert len(events) < 1000 and any("server_shutting_down" in event for event in events), events[-3:]
+    assert "Traceback" not in err and "deepseek-vl2: server stopped" in err

@@ -72,9 +72,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:  # reported by the sub-command's parser, which lists the options that do exist
         _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return _resolve(args.handler, args.command)(args)
+        return _resolve(args.handler)(args)
     except USER_ERRORS as error:
         print(f"deepseek-vl2: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:  # an optional dependency of the command, imported when it runs
+        if not error.name or error.name.partition(".")[0] == "deepseek_vl":
+            raise
+        extra = {"finetune": "train", "merge": "train"}.get(args.command, args.command)
+        print(
+            f"deepseek-vl2: error: the {args.command} command needs the package {error.name!r}: "
+            f"pip install -e '.[{extra}]' (or pip install 'deepseek-vl2[{extra}]')", file=sys.stderr,
+        )  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print("\ndeepseek-vl2: interrupted", file=sys.stderr)
@@ -142,21 +151,12 @@ def _register(subparsers: argparse._SubParsersAction, name: str, target: str) ->
     add_parser(subparsers)
 
 
-def _resolve(handler: Callable[[argparse.Namespace], int] | str, command: str) -> Callable[[argparse.Namespace], int]:
-    """A handler given as "module:function" is imported now; a missing optional dependency is a one-line error."""
+def _resolve(handler: Callable[[argparse.Namespace], int] | str) -> Callable[[argparse.Namespace], int]:
+    """A handler given as "module:function" is imported only now, when its command runs."""
     if callable(handler):
         return handler
     module_name, _, function = handler.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), function)
-    except ModuleNotFoundError as error:
-        if error.name and error.name.partition(".")[0] == "deepseek_vl":
-            raise
-        extra = {"serve": "serve", "demo": "demo", "finetune": "train", "merge": "train"}.get(command, command)
-        raise CLIError(
-            f"the {command} command needs the package {error.name!r}: pip install -e '.[{extra}]' "
-            f"(or pip install 'deepseek-vl2[{extra}]')"
-        ) from error
+    return getattr(importlib.import_module(module_name), function)
 
 
 def _fail(message: str) -> int:
@@ -229,10 +229,6 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         "--exif-transpose", action="store_true",
         help="rotate photos by their EXIF orientation (off by default, like the official preprocessing)",
     )  # fmt: skip
-    group.add_argument(
-        "--max-image-pixels", type=positive_int, metavar="N",
-        help="refuse images of more than N pixels (width x height), checked before decoding (default: 50000000)",
-    )  # fmt: skip
 
 
 def _option_type(name: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -272,18 +268,9 @@ def load_chat(args: argparse.Namespace) -> VLChat:
     quantized = getattr(args, "quantize", None) is not None
     dtype = resolve_dtype("bfloat16" if quantized and args.dtype == "auto" else args.dtype, device)
     print(f"Loading {args.model} on {device} ({str(dtype).removeprefix('torch.')})...", file=sys.stderr, flush=True)
-    chat = VLChat.from_pretrained(
+    return VLChat.from_pretrained(
         args.model, device=device, dtype=dtype, adapter=getattr(args, "adapter", None), quantize=getattr(args, "quantize", None)
     )
-    if getattr(args, "max_image_pixels", None):  # serve and demo: their per-image limit; the others: the flag
-        chat.max_image_pixels = args.max_image_pixels
-    return chat
-
-
-def image_limits(args: argparse.Namespace) -> dict[str, Any]:
-    """`load_image` keywords for the images named on the command line."""
-    limit = getattr(args, "max_image_pixels", None)
-    return {"exif_transpose": args.exif_transpose, **({"max_pixels": limit} if limit else {})}
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -352,7 +339,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.annotate and Path(args.annotate).suffix.lower() not in Image.registered_extensions():
         raise CLIError(f"cannot write {args.annotate!r}: use an image file extension such as .png or .jpg")
     response_format = read_json_schema(args.json_schema) if args.json_schema else None
-    images = [load_image(source, **image_limits(args)) for source in args.image]
+    images = [load_image(source, exif_transpose=args.exif_transpose) for source in args.image]
     started = time.perf_counter()
     pipe = load_chat(args)
     loaded = time.perf_counter()
@@ -456,7 +443,7 @@ def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_chat(args: argparse.Namespace) -> int:
     from deepseek_vl.utils.io import ImageLoadError, load_image
 
-    pending = [load_image(source, **image_limits(args)) for source in args.image]
+    pending = [load_image(source, exif_transpose=args.exif_transpose) for source in args.image]
     pipe = load_chat(args)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
@@ -482,7 +469,7 @@ def run_chat(args: argparse.Namespace) -> int:
             print("(conversation cleared)")
         elif command == "/image":
             try:
-                pending.append(load_image(argument.strip(), **image_limits(args)))
+                pending.append(load_image(argument.strip(), exif_transpose=args.exif_transpose))
                 print(f"(image {pending[-1].width}x{pending[-1].height} attached to your next message)")
             except ImageLoadError as error:
                 print(f"error: {error}", file=sys.stderr)
