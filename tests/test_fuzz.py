@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from deepseek_vl.chat import _StopPrefixes
 from deepseek_vl.grounding import MAX_COORD, draw_grounding, parse_grounding, strip_grounding_markup
 from deepseek_vl.models import DeepseekVLV2Processor
 from deepseek_vl.utils.io import ImageLoadError, image_size, load_image
@@ -159,3 +160,19 @@ def test_grounding_parser_never_raises_and_boxes_are_valid(parts: list[str], see
         assert tag not in result.text and tag not in strip_grounding_markup(text)
     if result.boxes and random.Random(seed).random() < 0.2:
         assert draw_grounding(Image.new("RGB", (32, 24)), result).size == (32, 24)
+
+
+@FUZZ
+@given(
+    stops=st.lists(st.text("ab", min_size=1, max_size=8), min_size=1, max_size=4),
+    pieces=st.lists(st.text("abc", max_size=4), max_size=12),
+)
+def test_stop_prefix_matching_equals_the_quadratic_definition(stops: list[str], pieces: list[str]):
+    """The linear-time matcher gives the longest end of the text that begins a stop string, token after token."""
+    matcher, text = _StopPrefixes(stops), ""
+    for piece in pieces:
+        text += piece
+        if any(stop in text for stop in stops):
+            break
+        expected = max((n for s in stops for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
+        assert matcher.longest(text) == expected

@@ -299,3 +299,15 @@ def test_public_only_policy_refuses_local_addresses_and_redirects(server):
     for address in ("10.1.2.3", "192.168.0.1", "169.254.169.254", "224.0.0.1", "::ffff:127.0.0.1", "fe80::1"):
         assert not public.permits("example.com", address)
     assert public.permits("example.com", "93.184.216.34") and RemotePolicy().permits("x", "127.0.0.1")
+
+
+@pytest.mark.parametrize("path", ["a" * 5000, "~nosuchuser_h10/x.png", "/dev/null"])
+def test_cli_bad_image_path_is_one_line(path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "deepseek_vl", "generate", "hi", "-i", path], capture_output=True, text=True, timeout=120
+    )
+    lines = [line for line in result.stderr.splitlines() if line.startswith("deepseek-vl2:")]
+    assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

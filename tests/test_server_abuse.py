@@ -162,6 +162,21 @@ def test_memory_under_a_flood_of_large_images_stays_bounded(base_url: str, chat:
 
 
 @pytest.mark.parametrize(
+    ("options", "text"),
+    [
+        ({"temperature": 1e-300}, "temperature"), ({"temperature": 5e-324}, "temperature"),
+        ({"temperature": 0.7, "repetition_penalty": 1e-300}, "repetition_penalty"), ({"seed": 2**64}, "seed"),
+        ({"messages": [{"role": "user", "content": "a \ud800 b"}]}, "lone surrogate"),
+        ({"system_prompt": "\udfff"}, "lone surrogate"),
+    ],
+)  # fmt: skip
+def test_library_refuses_the_same_values_with_a_clear_value_error(chat: VLChat, options: dict, text: str):
+    options = {"messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 2, **options}
+    with pytest.raises(ValueError, match=text):
+        chat.chat(**options)
+
+
+@pytest.mark.parametrize(
     ("body", "status", "text"),
     [
         (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),

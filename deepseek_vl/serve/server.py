@@ -457,9 +457,11 @@ def _check_options(req: ChatCompletionRequest) -> None:
 
 
 def _max_prompt_chars(chat: VLChat) -> int:
-    """A prompt longer than this cannot fit the context whatever it says: the longest token times the context."""
-    vocab = chat.tokenizer.get_vocab()
-    longest = max(len(chat.tokenizer.convert_tokens_to_string([token])) for token in vocab)
+    """A prompt longer than this cannot fit the context whatever it says: the longest token times the context.
+
+    A token's vocabulary string has at least as many characters as its text (byte-level BPE: one per byte).
+    """
+    longest = max(len(token) for token in chat.tokenizer.get_vocab())
     return int(chat.model.config.language_config.max_position_embeddings) * max(longest, 1)
 
 
