@@ -229,6 +229,10 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         "--exif-transpose", action="store_true",
         help="rotate photos by their EXIF orientation (off by default, like the official preprocessing)",
     )  # fmt: skip
+    group.add_argument(
+        "--max-image-pixels", type=positive_int, metavar="N",
+        help="refuse images of more than N pixels (width x height), checked before decoding (default: 50000000)",
+    )  # fmt: skip
 
 
 def _option_type(name: str, convert: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -268,9 +272,18 @@ def load_chat(args: argparse.Namespace) -> VLChat:
     quantized = getattr(args, "quantize", None) is not None
     dtype = resolve_dtype("bfloat16" if quantized and args.dtype == "auto" else args.dtype, device)
     print(f"Loading {args.model} on {device} ({str(dtype).removeprefix('torch.')})...", file=sys.stderr, flush=True)
-    return VLChat.from_pretrained(
+    chat = VLChat.from_pretrained(
         args.model, device=device, dtype=dtype, adapter=getattr(args, "adapter", None), quantize=getattr(args, "quantize", None)
     )
+    if getattr(args, "max_image_pixels", None):  # serve and demo: their per-image limit; the others: the flag
+        chat.max_image_pixels = args.max_image_pixels
+    return chat
+
+
+def image_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """`load_image` keywords for the images named on the command line."""
+    limit = getattr(args, "max_image_pixels", None)
+    return {"exif_transpose": args.exif_transpose, **({"max_pixels": limit} if limit else {})}
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -339,7 +352,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.annotate and Path(args.annotate).suffix.lower() not in Image.registered_extensions():
         raise CLIError(f"cannot write {args.annotate!r}: use an image file extension such as .png or .jpg")
     response_format = read_json_schema(args.json_schema) if args.json_schema else None
-    images = [load_image(source, exif_transpose=args.exif_transpose) for source in args.image]
+    images = [load_image(source, **image_limits(args)) for source in args.image]
     started = time.perf_counter()
     pipe = load_chat(args)
     loaded = time.perf_counter()
@@ -443,7 +456,7 @@ def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_chat(args: argparse.Namespace) -> int:
     from deepseek_vl.utils.io import ImageLoadError, load_image
 
-    pending = [load_image(source, exif_transpose=args.exif_transpose) for source in args.image]
+    pending = [load_image(source, **image_limits(args)) for source in args.image]
     pipe = load_chat(args)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
@@ -469,7 +482,7 @@ def run_chat(args: argparse.Namespace) -> int:
             print("(conversation cleared)")
         elif command == "/image":
             try:
-                pending.append(load_image(argument.strip(), exif_transpose=args.exif_transpose))
+                pending.append(load_image(argument.strip(), **image_limits(args)))
                 print(f"(image {pending[-1].width}x{pending[-1].height} attached to your next message)")
             except ImageLoadError as error:
                 print(f"error: {error}", file=sys.stderr)

@@ -32,6 +32,10 @@ SERVE_TUNING: dict[str, tuple[int | float | str, str]] = {
     "prefill_budget": (512, "most prompt tokens run per engine step (long prompts are prefilled in chunks)"),
     "vision_cache_mb": (256, "memory for image features reused by later requests with the same image (0: off)"),
     "prefix_cache_mb": (1024, "memory for finished turns' caches, reused by the conversation's next turn (0: off)"),
+    "max_queue": (64, "most requests in progress (waiting or generating); 503 with Retry-After above"),
+    "max_request_pixels": (2 * 4096 * 4096, "most image pixels in one request, all its images together"),
+    "max_inflight_pixels": (8 * 4096 * 4096, "most image pixels of all requests in progress; 503 above"),
+    "request_timeout": (30.0, "seconds a client has to send its request body; 408 after"),
 }
 """`create_app` keyword argument -> (default, help); each is the --flag with dashes."""
 SERVE_CHOICES = {"scheduler": ("engine", "window")}
@@ -64,6 +68,24 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     server.add_argument(
         "--allow-remote-images", action="store_true",
         help="let image_url fetch http(s) URLs (by default only base64 data URLs are accepted)",
+    )  # fmt: skip
+    server.add_argument(
+        "--allowed-hosts", action="append", default=[], metavar="NAME",
+        help="a host name clients may use in the Host header besides IP addresses and localhost (repeatable; '*': "
+        "any). Guards against DNS rebinding; needed when clients reach the server by a DNS name",
+    )  # fmt: skip
+    server.add_argument(
+        "--allow-image-hosts", action="append", default=[], metavar="HOST",
+        help="a host, IP address or network (10.0.0.0/8) that remote images may come from although it is not "
+        "public (repeatable; by default loopback, private and link-local addresses are refused)",
+    )  # fmt: skip
+    server.add_argument(
+        "--limit-concurrency", type=positive_int, default=256, metavar="N",
+        help="most open connections and requests; uvicorn answers 503 above (default: %(default)s)",
+    )  # fmt: skip
+    server.add_argument(
+        "--timeout-keep-alive", type=float, default=5.0, metavar="S",
+        help="seconds an idle keep-alive connection stays open (default: %(default)s)",
     )  # fmt: skip
     limits = parser.add_argument_group("limits and batching")
     for name, (default, help_text) in SERVE_TUNING.items():
