@@ -201,3 +201,19 @@ def test_prefix_cache_is_bounded_and_finds_the_longest_prefix():
     cache.store_sequence(list(range(30)), entries(30))  # 40 + 50 + 30 > 100 positions: the least recent goes
     assert cache.store.size <= cache.store.capacity and tuple(range(40)) not in cache.store.entries
     assert sum(map(len, cache.buckets.values())) == len(cache.store.entries) == 2
+
+
+def test_a_failing_step_fails_its_requests_not_the_engine(tiny: VLChat, monkeypatch):
+    engine = Engine(tiny, max_rows=2)
+    engine.start()
+    try:
+        with pytest.raises(ValueError, match="context"):
+            engine.submit([{"role": "user", "content": "Hi"}], max_new_tokens=5000)
+        monkeypatch.setattr(engine.runner, "decode", lambda rows: (_ for _ in ()).throw(RuntimeError("device lost")))
+        broken = engine.submit([{"role": "user", "content": "Hi"}], max_new_tokens=5)
+        with pytest.raises(RuntimeError, match="device lost"):
+            broken.wait(timeout=30)
+        monkeypatch.undo()
+        assert engine.submit([{"role": "user", "content": "Hi"}], max_new_tokens=3).wait(timeout=30).completion_tokens
+    finally:
+        engine.stop()

@@ -127,6 +127,7 @@ class Engine:
         options.pop("chunk_size", None)  # prefill is always chunked here, by the engine's budget
         settings = GenerationOptions(**options)
         sample_, last_size = self.chat._prepare(messages, images, system_prompt, exif_transpose)
+        self.chat._check_context([sample_], settings.max_new_tokens)
         grammar = None
         if response_format is not None:
             from deepseek_vl.engine.grammar import grammar_for
@@ -189,7 +190,11 @@ class Engine:
                     self.cond.wait()
                 if self.closed:
                     break
-            self.step()
+            try:
+                self.step()
+            except Exception as error:  # noqa: BLE001 - a failed step fails the requests it ran, not the engine
+                for seq in [*self.scheduler.prefilling, *self.scheduler.decoding]:
+                    self._finish(seq, error)
         closed = EngineClosed("the engine stopped")
         with self.cond:
             for seq, handle in self.incoming:
