@@ -30,7 +30,8 @@ def main() -> None:
     from deepseek_vl.distributed import VLPredictor, run_ray_batch
 
     image = str(GOLDEN / "images" / "gray_300x200.png")
-    rows = [(n, {"prompt": f"Question {n}: what is in the image?", "images": [image]}) for n in range(1, args.requests + 1)]
+    prompts = [f"Question {n}: what is in the image?" for n in range(1, args.requests + 1)]
+    rows = [(n, {"prompt": prompt, "images": [image]}) for n, prompt in enumerate(prompts, 1)]
     kwargs = {"model": args.model, "device": "cpu", "max_new_tokens": args.max_new_tokens}
 
     started = time.perf_counter()
