@@ -78,6 +78,8 @@ def test_batch_end_to_end_answers_each_line_once_and_resumes(tmp_path: Path, loa
     assert by_line[3]["completion_tokens"] == 2
     assert "error" in by_line[2] and by_line[2]["id"] is None
     assert "missing.png" in by_line[5]["error"] and by_line[5]["id"] == "e"
+    assert str(tmp_path / "missing.png") in by_line[5]["error"]  # resolved from the input's folder, and said so
+    assert "relative paths resolve" not in by_line[5]["error"]
     assert by_line[6]["prompt_tokens"] > 800
 
     lines = answers.read_text().splitlines(keepends=True)

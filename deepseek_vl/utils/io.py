@@ -183,9 +183,8 @@ def _regular_file(text: str) -> Path:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError as error:
-        raise ImageNotFoundError(
-            f"Image file {shown} does not exist; check the path (relative paths resolve from {os.getcwd()!r})."
-        ) from error
+        hint = "" if path.is_absolute() else f" (relative paths resolve from {os.getcwd()!r})"
+        raise ImageNotFoundError(f"Image file {shown} does not exist; check the path{hint}.") from error
     except (OSError, ValueError) as error:  # name too long, embedded NUL, a file used as a folder, no permission
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         raise ImageLoadError(f"Image path {shown} cannot be used: {reason}.") from error
