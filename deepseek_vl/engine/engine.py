@@ -144,7 +144,7 @@ class Engine:
         handle = Handle(seq)
         with self.cond:
             if self.closed:
-                raise RuntimeError("the engine is stopped")
+                raise EngineClosed("the engine is stopped")
             self.incoming.append((seq, handle))
             self.cond.notify_all()
         return handle

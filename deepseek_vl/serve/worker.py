@@ -203,6 +203,8 @@ class EngineWorker:
             prefix_cache_bytes=prefix_cache_bytes, metrics=metrics,
         )  # fmt: skip
         self.preparing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deepseek-vl2-prepare")
+        self.unprepared: set[Job] = set()  # submitted, not yet handed to the engine
+        self.lock = threading.Lock()
         self.closed = False
 
     @property
@@ -218,18 +220,26 @@ class EngineWorker:
         self.engine.start()
 
     def stop(self) -> None:
-        self.closed = True
+        """Refuse new jobs; jobs not yet prepared and those in the engine end with WorkerClosed (a 503)."""
+        with self.lock:
+            self.closed = True
         self.preparing.shutdown(wait=True, cancel_futures=True)
+        for job in self.unprepared:
+            job.emit("error", WorkerClosed("the server is shutting down"))
         self.engine.stop()
 
     def submit(self, job: Job) -> None:
-        if self.closed:
-            raise WorkerClosed("the server is shutting down")
+        with self.lock:
+            if self.closed:
+                raise WorkerClosed("the server is shutting down")
+            self.unprepared.add(job)
         self.preparing.submit(self._admit, job)
 
     def _admit(self, job: Job) -> None:
         from deepseek_vl.engine import EngineClosed
 
+        with self.lock:
+            self.unprepared.discard(job)
         if job.cancelled.is_set():
             return
 
@@ -241,5 +251,7 @@ class EngineWorker:
         on_piece = (lambda piece: job.emit("piece", piece)) if job.stream else None
         try:
             self.engine.submit(job.messages, cancel=job.cancelled, on_piece=on_piece, on_done=done, **job.options)
+        except EngineClosed:
+            job.emit("error", WorkerClosed("the server is shutting down"))
         except Exception as error:  # noqa: BLE001 - a bad conversation is this request's error
             job.emit("error", error)
