@@ -588,9 +588,11 @@ def resolve_model_folder(model: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    from deepseek_vl.utils.hub import hub_unreachable
+
     advice = "use a local folder holding the checkpoint instead (--model /path/to/folder on the command line)"
     try:
-        return Path(snapshot_download(source, allow_patterns=_HUB_FILES))
+        return Path(snapshot_download(source, allow_patterns=_HUB_FILES, local_files_only=hub_unreachable()))
     except RepositoryNotFoundError as error:
         raise ModelLoadError(f"no Hub repo {source!r} (or it is private: log in with `hf auth login`)") from error
     except LocalEntryNotFoundError as error:

@@ -389,3 +389,31 @@ def test_serve_ctrl_c_ends_a_running_stream_and_exits_0() -> None:
     events = [line for line in rest if line.startswith("data:")]
     assert len(events) < 1000 and any("server_shutting_down" in event for event in events), events[-3:]
     assert "Traceback" not in err and "deepseek-vl2: server stopped" in err
+
+
+def test_hub_id_without_network_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No name resolution: the cache is asked at once instead of after huggingface_hub's five retries (~25 s)."""
+    import socket as socket_module
+
+    from deepseek_vl.chat import ModelLoadError, resolve_model_folder
+    from deepseek_vl.models import DeepseekVLV2Processor
+    from deepseek_vl.utils.hub import hub_unreachable
+
+    def no_dns(*args, **kwargs):
+        raise socket_module.gaierror(-2, "Name or service not known")
+
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket_module, "getaddrinfo", no_dns)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    hub_unreachable.cache_clear()
+    try:
+        started = time.perf_counter()
+        with pytest.raises(FileNotFoundError, match="not in the local cache; pass a local folder"):
+            DeepseekVLV2Processor.from_pretrained("deepseek-ai/deepseek-vl2-tiny", cache_dir=str(tmp_path))
+        with pytest.raises(ModelLoadError, match="could not download 'deepseek-ai/deepseek-vl2-tiny'"):
+            resolve_model_folder("deepseek-ai/deepseek-vl2-tiny")
+        assert time.perf_counter() - started < 5
+    finally:
+        hub_unreachable.cache_clear()

@@ -228,7 +228,11 @@ class DeepseekVLV2Processor:
             from huggingface_hub import hf_hub_download
             from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+            from deepseek_vl.utils.hub import hub_unreachable
+
             try:
+                if hub_unreachable():  # no network: the cache at once, not after five retries
+                    hub_kwargs.setdefault("local_files_only", True)
                 config_file = hf_hub_download(source, PROCESSOR_CONFIG_NAME, **hub_kwargs)
             except LocalEntryNotFoundError as error:
                 raise FileNotFoundError(
