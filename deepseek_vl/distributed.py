@@ -172,8 +172,9 @@ class VLPredictor:
         self.exif_transpose = exif_transpose
         from deepseek_vl.chat import VLChat
 
-        extras = {key: value for key, value in (("quantize", quantize), ("adapter", adapter)) if value is not None}
-        self.pipe = VLChat.from_pretrained(model, device=device, dtype=dtype, progress=False, **extras)
+        self.pipe = VLChat.from_pretrained(
+            model, device=device, dtype=dtype, progress=False, quantize=quantize, adapter=adapter
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled as its constructor arguments: the copy loads the model itself, where it is unpickled."""

@@ -101,3 +101,12 @@ def test_ray_data_map_batches_as_documented() -> None:
         got = answered[row["id"]]
         assert {key: got[key] for key in expected} == expected
     assert "/no/such.png" in answered["c"]["error"] and answered["a"]["error"] is None
+
+
+def test_loading_options_reach_vlchat(monkeypatch) -> None:
+    from deepseek_vl.chat import VLChat
+
+    seen = {}
+    monkeypatch.setattr(VLChat, "from_pretrained", classmethod(lambda cls, model, **kwargs: seen.update(kwargs)))
+    VLPredictor("some/model", device="cpu", dtype="bfloat16", quantize="int8", adapter="lora/")
+    assert seen == {"device": "cpu", "dtype": "bfloat16", "progress": False, "quantize": "int8", "adapter": "lora/"}
