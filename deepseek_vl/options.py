@@ -37,9 +37,11 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         # bounds away from 0 so that logits / temperature and logits / penalty stay finite in float32
-        _check_number("temperature", self.temperature, lambda t: t == 0 or 1e-3 <= t <= 2, "0 (greedy) or in [0.001, 2]")
+        greedy_or_sampling = "0 (greedy) or in [0.001, 2]"
+        _check_number("temperature", self.temperature, lambda t: t == 0 or 1e-3 <= t <= 2, greedy_or_sampling)
         _check_number("top_p", self.top_p, lambda p: 0 < p <= 1, "in (0, 1]")
-        _check_number("repetition_penalty", self.repetition_penalty, lambda r: 1e-3 <= r <= 1e3, "in [0.001, 1000] (1 = off)")
+        penalty_range = "in [0.001, 1000] (1 = off)"
+        _check_number("repetition_penalty", self.repetition_penalty, lambda r: 1e-3 <= r <= 1e3, penalty_range)
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
             if self.seed > 2**64 - 1:

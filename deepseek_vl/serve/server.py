@@ -5,7 +5,8 @@ once; requests are validated and their images decoded here, then queued for the 
 `worker.py` (first come first served, compatible waiting requests batched, disconnected clients cancelled).
 
 Every error is an OpenAI error object `{"error": {"message", "type", "param", "code"}}` so OpenAI clients raise
-their usual exceptions, unexpected failures included (500). FastAPI is imported here only, never by `import deepseek_vl`.
+their usual exceptions, unexpected failures included (500). FastAPI is imported here only, never by
+`import deepseek_vl`.
 
 Hostile or careless clients meet bounds, each answered with a 4xx/503 before any work is wasted: body size and
 read time, strict JSON types, prompt characters (checked before tokenizing), images per request, pixels per image and

@@ -179,6 +179,8 @@ def _regular_file(text: str) -> Path:
         path = Path(text).expanduser()
     except RuntimeError as error:  # "~nouser/...": no such user, or no home directory
         raise ImageNotFoundError(f"Image path {shown} starts with '~' but that home directory is unknown.") from error
+    except ValueError as error:  # an embedded NUL
+        raise ImageLoadError(f"Image path {shown} cannot be used: {error}.") from error
     shown = _short(str(path), 200)
     try:
         mode = path.stat().st_mode
@@ -191,7 +193,7 @@ def _regular_file(text: str) -> Path:
     if stat.S_ISDIR(mode):
         raise ImageNotFoundError(f"Image file {shown} is a directory, not an image file; check the path.")
     if not stat.S_ISREG(mode):
-        raise ImageLoadError(f"Image path {shown} is not a regular file (a FIFO, device or socket); pass an image file.")
+        raise ImageLoadError(f"Image path {shown} is not a regular file (a FIFO, device or socket); pass an image.")
     return path
 
 
