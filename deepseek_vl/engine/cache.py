@@ -64,10 +64,6 @@ class SlotCache:
             new[:, :, : self.capacity] = old
         self.a, self.b, self.capacity = new_a, new_b, grown
 
-    def nbytes_per_position(self) -> int:
-        (ha, da), (hb, db) = self.shapes
-        return self.layers * (ha * da + hb * db) * torch.finfo(self.dtype).bits // 8
-
     def plan_decode(self, rows: int, lengths: torch.Tensor) -> None:
         """The next forward is one new token for each of slots 0..rows-1, written at ``lengths`` (rows,)."""
         self._rows, self._write, self._end = slice(0, rows), lengths, int(lengths.max()) + 1

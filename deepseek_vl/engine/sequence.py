@@ -66,8 +66,3 @@ class Sequence:
     @property
     def remaining_prompt(self) -> int:
         return self.prompt_length - self.cached
-
-    @property
-    def positions_needed(self) -> int:
-        """Cache positions the next forward of this row needs."""
-        return self.cached + (self.remaining_prompt if self.status is Status.PREFILLING else 1)
