@@ -33,11 +33,15 @@ def chat() -> VLChat:
 
 
 @pytest.fixture(scope="module")
-def base_url(chat: VLChat) -> Iterator[str]:
-    app = create_app(
+def app(chat: VLChat):
+    return create_app(
         chat, model_name=MODEL, allow_remote_images=True, remote_image_timeout=1.0, max_queue=MAX_QUEUE,
         max_request_pixels=2 * BIG, max_inflight_pixels=3 * BIG, request_timeout=2.0,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_url(app) -> Iterator[str]:
     with serve(app) as url:
         yield url
 
@@ -310,3 +314,17 @@ def test_serve_flags_for_the_limits():
     )  # fmt: skip
     assert (args.max_queue, args.allowed_hosts, args.allow_image_hosts) == (5, ["api.example"], ["10.0.0.0/8"])
     assert (args.limit_concurrency, args.request_timeout) == (50, 5.0)
+
+
+def test_every_request_gives_its_capacity_back(base_url: str, app, chat: VLChat):
+    """Streams ended by the client, refused and failed requests: none keeps a slot or pixels (runs last)."""
+    with forced_answer(chat, "one two three four five six seven eight", step_seconds=0.1):
+        with httpx.stream(
+            "POST", f"{base_url}/v1/chat/completions", json=request(stream=True, max_tokens=8), trust_env=False
+        ) as response:
+            next(response.iter_lines())  # the first event, then the client goes away
+    post(base_url, request(messages=[user("Hi", _solid_png(64))], stream=True))
+    deadline = time.monotonic() + 10
+    while (app.state.admission.jobs, app.state.admission.pixels) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (app.state.admission.jobs, app.state.admission.pixels) == (0, 0)
