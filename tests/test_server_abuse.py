@@ -20,7 +20,8 @@ from PIL import Image
 from test_server import MODEL, data_url, forced_answer, serve, tiny_chat, user
 
 from deepseek_vl.chat import VLChat
-from deepseek_vl.serve.server import MAX_STOP_CHARS, create_app, served_name
+from deepseek_vl.serve.protocol import MAX_STOP_CHARS
+from deepseek_vl.serve.server import create_app, served_name
 
 MAX_QUEUE = 3
 BIG = 4096 * 4096  # pixels of one large image
