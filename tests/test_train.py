@@ -215,7 +215,10 @@ def trained(tmp_path_factory, processor):
 
 
 def test_lora_run_drives_the_loss_down(trained) -> None:
-    _, losses, output, _ = trained
+    model, losses, output, _ = trained
+    network = model.base_model.model
+    assert all(layer.gradient_checkpointing for layer in network.language.model.layers)  # on by default
+    assert network.vision.grad_checkpointing  # vision blocks too
     assert len(losses) == 12
     assert losses[-1] < 0.5 * losses[0], losses
     assert (output / "adapter_model.safetensors").is_file() and (output / "processor_config.json").is_file()

@@ -51,6 +51,8 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--eval-steps", type=int, default=None, help="default: --save-steps")
     train.add_argument("--save-steps", type=int, default=500)
     train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (launch with torchrun)")
+    train.add_argument("--deepspeed", metavar="JSON", help="a DeepSpeed config file (ZeRO-2/3; needs deepspeed)")
     train.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                        help="base weights; auto = bf16 for LoRA on a GPU, else float32")  # fmt: skip
     lora = parser.add_argument_group("what trains")
@@ -110,7 +112,7 @@ def finetune_command(args: argparse.Namespace) -> int:
         learning_rate=args.lr if args.lr is not None else (1e-5 if args.method == "full" else 2e-4),
         optimizer=args.optim, max_length=args.max_length, gradient_checkpointing=not args.no_gradient_checkpointing,
         logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps, seed=args.seed,
-        dtype=args.dtype, resume=args.resume,
+        dtype=args.dtype, resume=args.resume, fsdp=args.fsdp, deepspeed=args.deepspeed,
     )  # fmt: skip
     print(f"Fine-tuning {args.model} ({args.method}) on {len(train)} conversations from {args.data}", file=sys.stderr)
     summary = finetune(config, train, evaluation)

@@ -26,6 +26,7 @@ from deepseek_vl.train.data import Example
 from deepseek_vl.train.lora import TrainableParts, apply_lora, count_parameters, prepare_full
 
 METHODS = ("lora", "qlora", "full")
+FSDP_UNITS = ["DeepseekV2DecoderLayer", "Block"]  # the model's _no_split_modules: decoder layer, ViT block
 
 
 @dataclass
@@ -57,6 +58,8 @@ class FinetuneConfig:
     dtype: str = "auto"
     resume: str | bool | None = None
     num_workers: int = 0
+    fsdp: bool = False  # shard with FSDP, one unit per decoder layer and per vision block (under torchrun/accelerate)
+    deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO-2/3), passed to Trainer as is
 
 
 @dataclass
@@ -151,8 +154,8 @@ def training_arguments(config: FinetuneConfig, has_eval: bool) -> TrainingArgume
         data_seed=config.seed,
         bf16=on_gpu and torch.cuda.is_bf16_supported(),
         use_cpu=not on_gpu,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
         label_names=["labels"],
         prediction_loss_only=True,
@@ -161,6 +164,9 @@ def training_arguments(config: FinetuneConfig, has_eval: bool) -> TrainingArgume
         report_to="none",
         disable_tqdm=False,
         ddp_find_unused_parameters=False,
+        fsdp="full_shard auto_wrap" if config.fsdp else "",
+        fsdp_config={"transformer_layer_cls_to_wrap": FSDP_UNITS} if config.fsdp else None,
+        deepspeed=config.deepspeed,
     )
 
 
