@@ -94,9 +94,10 @@ def load_model(config: FinetuneConfig):
     processor = DeepseekVLV2Processor.from_pretrained(folder)
     dtype = resolve_dtype(config.dtype, config.method)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if config.method == "qlora":
-        kwargs["quantization_config"] = qlora_quantization(dtype)
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    if config.method == "qlora":  # deepseek_vl.quantization's nf4: bitsandbytes Linear4bit, which peft adapts
+        check_qlora()
+        kwargs.update(quantize="nf4", device_map=f"cuda:{torch.cuda.current_device()}")
+        kwargs["dtype"] = torch.bfloat16 if dtype == torch.float32 else dtype
     model = DeepseekVLV2ForCausalLM.from_pretrained(folder, **kwargs)
     model.config.use_cache = False
     if config.method == "qlora":
@@ -108,8 +109,8 @@ def load_model(config: FinetuneConfig):
     return apply_lora(model, config.parts, config.lora_rank, config.lora_alpha, config.lora_dropout), processor
 
 
-def qlora_quantization(compute_dtype: torch.dtype):
-    """NF4 base weights for QLoRA; vision, projector and lm_head stay in bf16 (routers are not Linear layers)."""
+def check_qlora() -> None:
+    """QLoRA's 4-bit NF4 base needs bitsandbytes on CUDA: say what to do instead of failing deep in a kernel."""
     if not torch.cuda.is_available():
         raise ValueError(
             "--method qlora loads the base model in 4-bit NF4 with bitsandbytes, which needs a CUDA GPU; "
@@ -119,15 +120,6 @@ def qlora_quantization(compute_dtype: torch.dtype):
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ValueError("--method qlora needs bitsandbytes: pip install bitsandbytes") from None
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if compute_dtype == torch.float32 else compute_dtype,
-        llm_int8_skip_modules=["vision", "projector", "lm_head"],
-    )
 
 
 def training_arguments(config: FinetuneConfig, has_eval: bool) -> TrainingArguments:
