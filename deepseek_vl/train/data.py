@@ -162,6 +162,8 @@ def check_structure(messages: list[dict[str, Any]]) -> None:
 def attach_shared_images(messages: list[dict[str, Any]], images: list[str]) -> None:
     """ms-swift layout: images fill the user messages' <image> tags in order; with no tags, all go to the first user turn."""
     users = [m for m in messages if m["role"] == "user"]
+    if not users:
+        raise ValueError("the row has images but no user message to put them in")
     tags = sum(m["content"].count(IMAGE_TAG) for m in users)
     if tags == 0:
         users[0]["images"] = list(images)

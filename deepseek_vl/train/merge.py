@@ -37,9 +37,11 @@ def base_model_of(adapter: str | os.PathLike) -> str:
 
 def merge_adapter(model: nn.Module, adapter: str | os.PathLike) -> nn.Module:
     """The model with the adapter's LoRA deltas (and any fully trained modules) folded into its weights."""
-    from peft import PeftModel
-
     folder = check_adapter_folder(adapter)
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ValueError("loading an adapter needs peft: pip install 'deepseek-vl2[train]'") from None
     return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
 
 
