@@ -13,7 +13,8 @@ machine's read rate (a large ``sum``), which bounds every read-only step. Candid
   chosen slices gathered, as a stacked layout would need), against K separate products;
 - ``mkl packed``: MKL's pre-packed fp32 weight (``torch.ops.mkl._mkl_linear``, what inductor uses
   with freezing);
-- ``compiled``: ``torch.compile`` of one expert MLP (``--compile``; compiling takes minutes on 2 cores).
+- ``compiled``: ``torch.compile`` of one expert MLP (``--compile``; compiling takes minutes on 2 cores);
+- ``W @ x.T``: with several rows, the product computed as (out, in) @ (in, rows), another GEMM layout.
 
 This shows the ceiling a decode step meets with torch's kernels on this machine.
 """
@@ -94,7 +95,8 @@ def main() -> None:
     print(f"read rate (1 GiB sum): {bound:.1f} GB/s", flush=True)
 
     step_seconds = step_bytes = 0.0
-    print(f"\n{'product':<20}{'shape':>14}{'MB':>8}{'us':>9}{'GB/s':>7}{'of read':>9}{'per step':>10}")
+    print(f"\n{'product':<20}{'shape':>14}{'MB':>8}{'us':>9}{'GB/s':>7}{'of read':>9}{'per step':>10}"
+          f"{'W @ x.T us' if rows > 1 else '':>12}")  # fmt: skip
     for name, out, inp, count in TINY_PRODUCTS:
         weights = weight_copies(out, inp, dtype)
         x = torch.randn(rows, inp).to(dtype)
@@ -102,8 +104,10 @@ def main() -> None:
         seconds = median_seconds(cycled(weights, lambda w: F.linear(x, w)), calls)
         nbytes = out * inp * size
         step_seconds, step_bytes = step_seconds + count * seconds, step_bytes + count * nbytes
+        transposed = median_seconds(cycled(weights, lambda w: torch.mm(w, x.T)), calls) if rows > 1 else 0
         print(f"{name:<20}{f'{out}x{inp}':>14}{nbytes / 1e6:>8.1f}{seconds * 1e6:>9.0f}{rate(nbytes, seconds):>7.1f}"
-              f"{rate(nbytes, seconds) / bound:>9.0%}{count:>10}", flush=True)  # fmt: skip
+              f"{rate(nbytes, seconds) / bound:>9.0%}{count:>10}{f'{transposed * 1e6:.0f}' if rows > 1 else '':>12}",
+              flush=True)  # fmt: skip
     print(f"\nsum of the step's products: {step_seconds * 1e3:.1f} ms for {step_bytes / 1e6:.0f} MB = "
           f"{rate(step_bytes, step_seconds):.1f} GB/s ({rate(step_bytes, step_seconds) / bound:.0%} of the read rate); "
           f"products alone allow {rows / step_seconds:.1f} tok/s, the read rate {rows * bound * 1e9 / step_bytes:.1f}")  # fmt: skip
@@ -139,7 +143,6 @@ def main() -> None:
     }
     if dtype == torch.float32 and hasattr(torch.ops.mkl, "_mkl_linear"):
         packed = [[torch.ops.mkl._mkl_reorder_linear_weight(w[e], rows) for e in range(experts)] for w in (gate, up, down)]
-        bias = torch.zeros(1)
 
         def mkl(chosen):
             for e in chosen:
@@ -147,7 +150,6 @@ def main() -> None:
                 u = torch.ops.mkl._mkl_linear(x, packed[1][e], up[e], None, rows)
                 torch.ops.mkl._mkl_linear(F.silu(g) * u, packed[2][e], down[e], None, rows)
 
-        del bias
         candidates["mkl packed fp32"] = cycled(picks, mkl)
     if args.compile:
         compiled = torch.compile(lambda xx, g, u, d: F.linear(F.silu(F.linear(xx, g)) * F.linear(xx, u), d))
