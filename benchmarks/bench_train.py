@@ -5,19 +5,21 @@
 Compared in one run, on one training sample with one image (450 x 308 pixels: a global view and one tile):
 default LoRA (attention, dense MLP, shared experts), all-linear LoRA (plus every routed expert, what ms-swift
 trains by default) and full fine-tuning, each with and without gradient checkpointing. Parameter counts are also
-given for the whole 12-layer Tiny (built on the meta device, no memory). Activation memory is the step's peak
-resident memory above the resident memory before the step (weights, gradients and optimizer state already there).
+given for the whole 12-layer Tiny (built on the meta device, no memory). Activation memory is the step's peak of
+bytes in use (malloc's count) above the bytes in use before it (weights, gradients, optimizer state already there).
 Weights are random (the shapes decide the cost); the model has fewer layers than Tiny so that it fits here.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import gc
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +32,44 @@ from deepseek_vl.models import DeepseekVLV2Processor  # noqa: E402
 from deepseek_vl.train.collate import Collator  # noqa: E402
 from deepseek_vl.train.data import Example  # noqa: E402
 from deepseek_vl.train.lora import TrainableParts, apply_lora, count_parameters, prepare_full  # noqa: E402
+
+class HeapPeak:
+    """Peak bytes malloc has handed out during a block (glibc ``mallinfo2``, sampled every millisecond).
+
+    Resident memory would miss reused memory: after the warm-up step the allocator keeps the freed activation
+    pages, so a step's RSS barely grows whatever it allocates. Bytes in use count every live tensor.
+    """
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        self._mallinfo, self._stop = libc.mallinfo2, threading.Event()
+
+    def in_use(self) -> int:
+        info = self._mallinfo()
+        return info.uordblks + info.hblkhd  # small chunks in use + mmapped chunks
+
+    def __enter__(self) -> HeapPeak:
+        self.start = self.peak = self.in_use()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self.in_use())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.in_use())
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]  # fmt: skip
+
 
 METHODS = {
     "LoRA, default targets": ("lora", TrainableParts()),
@@ -73,19 +113,18 @@ def measure(args, method: str, parts: TrainableParts, checkpointing: bool, batch
     gc.collect()
     times, peaks = [], []
     for _ in range(args.steps):
-        with PeakMemory("cpu") as memory:
-            before = memory.peak
+        with HeapPeak() as heap:
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-        peaks.append(memory.peak - before)
+        peaks.append(heap.peak - heap.start)
     tokens = int(batch["attention_mask"].sum())
     result = {
         "trainable": count_parameters(model)[0],
         "step_s": statistics.median(times),
         "tokens_per_s": tokens / statistics.median(times),
         "activation_bytes": max(peaks),
-        "resident_bytes": memory.rss(),
+        "resident_bytes": PeakMemory("cpu").rss(),
     }
     del model, optimizer
     gc.collect()
