@@ -187,6 +187,9 @@ def test_expert_router_and_vision_options() -> None:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(n.endswith("mlp.gate.modules_to_save.default.weight") for n in names)
     assert not any("e_score_correction_bias" in n or n.startswith("base_model.model.vision") for n in names)
+    model.train()(input_ids=torch.tensor([[0, 5, 6, 7, 8]]), labels=torch.tensor([[0, 5, 6, 7, 8]])).loss.backward()
+    trained_copy = model.get_parameter("base_model.model.language.model.layers.1.mlp.gate.modules_to_save.default.weight")
+    assert trained_copy.grad is not None and trained_copy.grad.abs().sum() > 0  # the trainable copy routes
 
 
 # --- a real run -------------------------------------------------------------------------------------------------
