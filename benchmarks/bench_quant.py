@@ -1,0 +1,249 @@
+"""bf16 vs int8 vs int4 weights (deepseek_vl/quantization.py), side by side in one run, on the real layer shapes.
+
+    flock /tmp/heavy.lock python benchmarks/bench_quant.py --variant small --layers 3
+    python benchmarks/bench_quant.py --variant tiny --layers 4 --device cuda
+
+A random-weight bf16 checkpoint with the real Tiny/Small shapes (fewer language layers, one vision layer: decoding
+never runs the vision tower) is saved in shards, then loaded three ways. Per mode: model bytes, peak memory while
+loading (in a fresh process: anonymous RSS on CPU, the allocator on CUDA; mmapped shard pages are page cache, not
+counted: transformers' bf16 load keeps bf16 tensors mapped from the file, so its anonymous peak is near zero), time to
+first token of a text prompt, decode tok/s at batch 1 and 8 beside the read-rate limit (bytes a step reads / the
+measured read rate), and peak memory while generating. Full-model sizes are counted exactly on the meta device;
+full-model decode speed is extrapolated at the bytes per second each mode reached here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import PRESETS, build_model, log, machine, memory_bandwidth, synchronize, tensor_bytes  # noqa: E402
+
+from deepseek_vl.models import DeepseekVLV2ForCausalLM  # noqa: E402
+from deepseek_vl.models.cache import InPlaceCache  # noqa: E402
+from deepseek_vl.models.language import DeepseekV2MoE  # noqa: E402
+from deepseek_vl.quantization import replace_linears  # noqa: E402
+
+MODES = ("bf16", "int8", "int4")
+GIB = 2**30
+FULL_LAYERS = {"tiny": 12, "small": 27, "base": 30}
+
+
+class PeakAnon:
+    """Peak anonymous memory (heap, tensors; not mmapped file pages) during a block, sampled every millisecond."""
+
+    def __init__(self, device: str) -> None:
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    @staticmethod
+    def anon() -> int:
+        status = Path("/proc/self/status").read_text()
+        return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssAnon"))
+
+    def __enter__(self) -> PeakAnon:
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self.peak = self.anon()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self.anon())
+
+    def __exit__(self, *exc) -> None:
+        if self.device.startswith("cuda"):
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.anon())
+        self.growth = self.peak - self.base
+
+
+def model_bytes(module: torch.nn.Module) -> int:
+    return tensor_bytes({id(t): t for t in [*module.parameters(), *module.buffers()]}.values())
+
+
+def step_bytes(model, distinct: list[float]) -> float:
+    """Bytes one decode step reads: the language model but the embedding table and the unchosen experts."""
+    language = model.language
+    moes = [m for m in language.modules() if isinstance(m, DeepseekV2MoE)]
+    dense = model_bytes(language) - model_bytes(language.model.embed_tokens)
+    routed = sum(model_bytes(m.experts) for m in moes)
+    return dense - routed + sum(n * model_bytes(m.experts[0]) for n, m in zip(distinct, moes))
+
+
+def load(folder: Path, mode: str, device: str) -> DeepseekVLV2ForCausalLM:
+    quantize = {} if mode == "bf16" else {"quantize": mode}
+    placement = {"device_map": device} if device != "cpu" else {}
+    return DeepseekVLV2ForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, **placement, **quantize).eval()
+
+
+def decode(model, batch: int, prompt: int, steps: int, device: str) -> dict:
+    """Greedy decode after a random text prompt: time to first token, tok/s, distinct experts per layer."""
+    language = model.language
+    moes = [m for m in language.modules() if isinstance(m, DeepseekV2MoE)]
+    distinct = [0.0] * len(moes)
+    counting = {"on": False}
+
+    def count(i: int):
+        def hook(_module, _args, output) -> None:
+            if counting["on"]:
+                distinct[i] += output[0].unique().numel() / steps
+        return hook
+
+    hooks = [m.gate.register_forward_hook(count(i)) for i, m in enumerate(moes)]
+    ids = torch.randint(100, 100000, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        with torch.no_grad(), PeakAnon(device) as peak:
+            synchronize(device)
+            start = time.perf_counter()
+            out = language(input_ids=ids, cache=InPlaceCache(), use_cache=True, logits_to_keep=1)
+            cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+            synchronize(device)
+            ttft = time.perf_counter() - start
+            language(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)  # warm-up step
+            counting["on"] = True
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = language(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1).logits.argmax(-1)
+            synchronize(device)
+            seconds = time.perf_counter() - start
+    finally:
+        for hook in hooks:
+            hook.remove()
+    cache_bytes = tensor_bytes(t for layer in cache.layers for t in (layer.keys, layer.values))
+    return dict(ttft_s=ttft, tokens_per_s=batch * steps / seconds, bytes_per_step=step_bytes(model, distinct) + cache_bytes,
+                peak_generating_bytes=peak.peak)  # fmt: skip
+
+
+def measure_load_in_subprocess(folder: Path, mode: str, device: str) -> dict:
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_quant; "
+            f"bench_quant.measure_load({str(folder)!r}, {mode!r}, {device!r})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_load(folder: str, mode: str, device: str) -> None:
+    """In a fresh process: model bytes, peak memory growth while loading, load time (printed as JSON)."""
+    with PeakAnon(device) as peak:
+        start = time.perf_counter()
+        model = load(Path(folder), mode, device)
+        seconds = time.perf_counter() - start
+    print(json.dumps(dict(model_bytes=model_bytes(model), load_s=seconds, peak_load_bytes=peak.growth)))
+
+
+def full_sizes(variant: str) -> dict[str, dict[str, float]]:
+    """Exact bytes of the full model (real layer and vision counts) per mode, counted on the meta device."""
+    sizes = {}
+    for mode in MODES:
+        model = build_model(variant, FULL_LAYERS[variant], 27, torch.bfloat16, "meta")
+        if mode != "bf16":
+            replace_linears(model, mode, torch.bfloat16, quantize_vision=False)
+        language = model.language
+        moes = [m for m in language.modules() if isinstance(m, DeepseekV2MoE)]
+        dense = model_bytes(language) - model_bytes(language.model.embed_tokens) - sum(model_bytes(m.experts) for m in moes)
+        sizes[mode] = dict(total=model_bytes(model), decode_step_b1=dense + sum(6 * model_bytes(m.experts[0]) for m in moes))
+    return sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--layers", type=int, default=4, help="language layers (the real models have 12/27/30)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--prompt-length", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3, help="decode measurements per figure (median)")
+    parser.add_argument("--shard-size", default="400MB", help="checkpoint shard size: the loader's unit")
+    parser.add_argument("--json", type=Path, help="write all numbers to this file")
+    args = parser.parse_args()
+
+    report: dict = dict(machine=machine(), variant=args.variant, layers=args.layers, device=args.device)
+    report["bandwidth"] = bandwidth = memory_bandwidth(args.device)
+    log(f"read rate {bandwidth['read'] / 1e9:.1f} GB/s, copy rate {bandwidth['copy'] / 1e9:.1f} GB/s")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        torch.manual_seed(0)
+        source = build_model(args.variant, args.layers, 1, torch.bfloat16, "cpu")
+        source.save_pretrained(folder, max_shard_size=args.shard_size)
+        del source
+        gc.collect()
+        shards = sorted(folder.glob("*.safetensors"))
+        report["largest_shard_bytes"] = max(f.stat().st_size for f in shards)
+        log(f"checkpoint: {len(shards)} shards, largest {report['largest_shard_bytes'] / GIB:.2f} GiB")
+        results = report["modes"] = {}
+        models = {}
+        for mode in MODES:  # each load in a fresh process: freed memory of an earlier load would hide its peak
+            results[mode] = measure_load_in_subprocess(folder, mode, args.device)
+            models[mode] = load(folder, mode, args.device)
+            log(f"{mode}: {results[mode]['model_bytes'] / GIB:.2f} GiB, load peak "
+                f"{results[mode]['peak_load_bytes'] / GIB:.2f} GiB in {results[mode]['load_s']:.1f} s")
+        for batch in (1, 8):
+            runs = {mode: [] for mode in MODES}
+            for _ in range(args.rounds):  # alternating, so a busy moment of the host hits every mode alike
+                for mode in MODES:
+                    runs[mode].append(decode(models[mode], batch, args.prompt_length, args.decode_steps, args.device))
+            for mode in MODES:
+                best = {k: statistics.median(run[k] for run in runs[mode]) for k in runs[mode][0]}
+                best["limit_tokens_per_s"] = batch * bandwidth["read"] / best["bytes_per_step"]
+                results[mode][f"batch{batch}"] = best
+                log(f"{mode} batch {batch}: {best['tokens_per_s']:.1f} tok/s (limit {best['limit_tokens_per_s']:.1f}), "
+                    f"ttft {best['ttft_s'] * 1000:.0f} ms")
+        for mode in MODES:
+            r = results[mode]
+            r["peak_generating_bytes"] = max(r["batch1"]["peak_generating_bytes"], r["batch8"]["peak_generating_bytes"])
+    report["full_models"] = {v: full_sizes(v) for v in FULL_LAYERS}
+    print(format_table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+def format_table(r: dict) -> str:
+    modes, bf16 = r["modes"], r["modes"]["bf16"]
+    rows = [f"## {r['variant']} shapes, {r['layers']} language layers, {r['device']} ({r['machine']['date']}, "
+            f"read rate {r['bandwidth']['read'] / 1e9:.1f} GB/s)", "", "| | " + " | ".join(MODES) + " |",
+            "|---" * (len(MODES) + 1) + "|"]  # fmt: skip
+
+    def row(label, cell):
+        rows.append(f"| {label} | " + " | ".join(cell(modes[m], m) for m in MODES) + " |")
+
+    row("model bytes", lambda x, m: f"{x['model_bytes'] / GIB:.2f} GiB ({x['model_bytes'] / bf16['model_bytes']:.2f}x)")
+    row("peak memory while loading (largest shard "
+        f"{r['largest_shard_bytes'] / GIB:.2f} GiB)", lambda x, m: f"{x['peak_load_bytes'] / GIB:.2f} GiB "
+        f"({x['peak_load_bytes'] / x['model_bytes']:.2f}x model)")  # fmt: skip
+    row("load time", lambda x, m: f"{x['load_s']:.1f} s")
+    for b in (1, 8):
+        row(f"decode batch {b}, tok/s (read-rate limit)", lambda x, m, b=b: f"**{x[f'batch{b}']['tokens_per_s']:.1f}** "
+            f"({x[f'batch{b}']['limit_tokens_per_s']:.1f}), {x[f'batch{b}']['tokens_per_s'] / bf16[f'batch{b}']['tokens_per_s']:.2f}x bf16")  # fmt: skip
+    row("time to first token, 256-token prompt", lambda x, m: f"{x['batch1']['ttft_s'] * 1000:.0f} ms")
+    row("peak memory while generating (batch 8)", lambda x, m: f"{x['peak_generating_bytes'] / GIB:.2f} GiB")
+    rows += ["", "Full models (exact bytes; decode extrapolated at the bytes/s each mode reached above, batch 1):", "",
+             "| model | " + " | ".join(MODES) + " |", "|---" * (len(MODES) + 1) + "|"]  # fmt: skip
+    for variant, sizes in r["full_models"].items():
+        cells = []
+        for m in MODES:
+            rate = modes[m]["batch1"]["tokens_per_s"] * modes[m]["batch1"]["bytes_per_step"]
+            cells.append(f"{sizes[m]['total'] / GIB:.1f} GiB, ~{rate / sizes[m]['decode_step_b1']:.0f} tok/s")
+        rows.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
