@@ -66,6 +66,7 @@ def test_mixed_load_matches_single_answers(pipe_for, variant: str):
     assert [handle.wait().token_ids for handle in handles] == expected
     assert engine.max_batch > 1
     assert not engine.scheduler.has_work() and all(slot is None for slot in engine.scheduler.slots)
+    assert engine.runner.cache.capacity == 0  # the cache memory is given back when no row is left
 
 
 def test_sampling_options_and_stream(tiny: VLChat):

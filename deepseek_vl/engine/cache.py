@@ -6,8 +6,8 @@ keys and values (heads = kv heads), for Small/Base's latent attention the rope k
 over a slice ``[:rows, :, :longest]``: a view, nothing is gathered or copied per step. Rows that decode are kept
 contiguous at the bottom (slots 0..d-1); a request being prefilled takes a slot from the top and moves down once it
 is ready, and a leaving row is replaced by the last decoding row: one row is copied per join or leave, never the
-batch. The capacity (positions) grows by doubling when a row needs it, so memory follows the longest live request,
-not the context length. Paged blocks would share memory better but need a paged attention kernel this package does
+batch. The capacity (positions) grows by doubling when a row needs it and is given back when no row is left, so
+memory follows the longest live request, not the context length. Paged blocks would share memory better but need a paged attention kernel this package does
 not have; padded per-row caches would copy the batch every step.
 
 The attention layers see the ``Cache`` contract of ``models/language.py``: ``update(a, b, layer_idx)`` stores the
@@ -63,6 +63,10 @@ class SlotCache:
         for old, new in zip(self.a + self.b, new_a + new_b):
             new[:, :, : self.capacity] = old
         self.a, self.b, self.capacity = new_a, new_b, grown
+
+    def release(self) -> None:
+        """Give the memory back (no row is live); the next ``reserve`` allocates again."""
+        self.a, self.b, self.capacity = [], [], 0
 
     def plan_decode(self, rows: int, lengths: torch.Tensor) -> None:
         """The next forward is one new token for each of slots 0..rows-1, written at ``lengths`` (rows,)."""

@@ -245,6 +245,8 @@ class Engine:
                 self._finish(seq)
             elif seq.status is Status.PREFILLING:
                 self._move(self.scheduler.join(seq))
+        if not self.scheduler.running:
+            self.runner.cache.release()
         self.steps += 1
         if self.metrics is not None:
             self.metrics.observe_step(self)
