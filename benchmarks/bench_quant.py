@@ -48,8 +48,7 @@ class PeakAnon:
 
     @staticmethod
     def anon() -> int:
-        status = Path("/proc/self/status").read_text()
-        return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssAnon"))
+        return status_bytes("RssAnon")
 
     def __enter__(self) -> PeakAnon:
         if self.device.startswith("cuda"):
@@ -130,7 +129,7 @@ def decode(model, batch: int, prompt: int, steps: int, device: str) -> dict:
             hook.remove()
     cache_bytes = tensor_bytes(t for layer in cache.layers for t in (layer.keys, layer.values))
     return dict(ttft_s=ttft, tokens_per_s=batch * steps / seconds, bytes_per_step=step_bytes(model, distinct) + cache_bytes,
-                peak_generating_bytes=peak.peak)  # fmt: skip
+                peak_generating_bytes=model_bytes(model) + peak.growth)  # fmt: skip
 
 
 def measure_load_in_subprocess(folder: Path, mode: str, device: str) -> dict:
@@ -142,11 +141,19 @@ def measure_load_in_subprocess(folder: Path, mode: str, device: str) -> dict:
 
 def measure_load(folder: str, mode: str, device: str) -> None:
     """In a fresh process: model bytes, peak memory growth while loading, load time (printed as JSON)."""
+    before = status_bytes("VmRSS")
     with PeakAnon(device) as peak:
         start = time.perf_counter()
         model = load(Path(folder), mode, device)
         seconds = time.perf_counter() - start
-    print(json.dumps(dict(model_bytes=model_bytes(model), load_s=seconds, peak_load_bytes=peak.growth)))
+    print(json.dumps(dict(model_bytes=model_bytes(model), load_s=seconds, peak_load_bytes=peak.growth,
+                          peak_load_rss_bytes=status_bytes("VmHWM") - before)))  # fmt: skip
+
+
+def status_bytes(field: str) -> int:
+    """A field of /proc/self/status in bytes (VmHWM: peak resident set, file-backed pages included)."""
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith(field + ":"))
 
 
 def full_sizes(variant: str) -> dict[str, dict[str, float]]:
@@ -175,7 +182,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write all numbers to this file")
     args = parser.parse_args()
 
-    report: dict = dict(machine=machine(), variant=args.variant, layers=args.layers, device=args.device)
+    report: dict = dict(machine=machine(), variant=args.variant, layers=args.layers, device=args.device,
+                        prompt_length=args.prompt_length)
     report["bandwidth"] = bandwidth = memory_bandwidth(args.device)
     log(f"read rate {bandwidth['read'] / 1e9:.1f} GB/s, copy rate {bandwidth['copy'] / 1e9:.1f} GB/s")
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,6 +203,13 @@ def main() -> None:
             models[mode] = load(folder, mode, args.device)
             log(f"{mode}: {results[mode]['model_bytes'] / GIB:.2f} GiB, load peak "
                 f"{results[mode]['peak_load_bytes'] / GIB:.2f} GiB in {results[mode]['load_s']:.1f} s")
+        ids = torch.randint(100, 100000, (1, args.prompt_length), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            want = models["bf16"].language(input_ids=ids.to(args.device)).logits.float()[0]  # (T, vocab)
+            for mode in MODES:  # teacher-forced agreement with the bf16 model at every prompt position
+                got = models[mode].language(input_ids=ids.to(args.device)).logits.float()[0]
+                results[mode]["top1_agreement"] = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+                results[mode]["relative_logit_error"] = ((got - want).norm(dim=-1) / want.norm(dim=-1)).mean().item()
         for batch in (1, 8):
             runs = {mode: [] for mode in MODES}
             for _ in range(args.rounds):  # alternating, so a busy moment of the host hits every mode alike
@@ -225,15 +240,19 @@ def format_table(r: dict) -> str:
         rows.append(f"| {label} | " + " | ".join(cell(modes[m], m) for m in MODES) + " |")
 
     row("model bytes", lambda x, m: f"{x['model_bytes'] / GIB:.2f} GiB ({x['model_bytes'] / bf16['model_bytes']:.2f}x)")
-    row("peak memory while loading (largest shard "
-        f"{r['largest_shard_bytes'] / GIB:.2f} GiB)", lambda x, m: f"{x['peak_load_bytes'] / GIB:.2f} GiB "
-        f"({x['peak_load_bytes'] / x['model_bytes']:.2f}x model)")  # fmt: skip
+    row(f"peak memory while loading, resident incl. mmapped file pages (largest shard "
+        f"{r['largest_shard_bytes'] / GIB:.2f} GiB)", lambda x, m: f"{x['peak_load_rss_bytes'] / GIB:.2f} GiB "
+        f"({x['peak_load_rss_bytes'] / x['model_bytes']:.2f}x model)")  # fmt: skip
+    row("peak anonymous memory while loading (heap, not file pages)", lambda x, m: f"{x['peak_load_bytes'] / GIB:.2f} GiB")
+
     row("load time", lambda x, m: f"{x['load_s']:.1f} s")
     for b in (1, 8):
         row(f"decode batch {b}, tok/s (read-rate limit)", lambda x, m, b=b: f"**{x[f'batch{b}']['tokens_per_s']:.1f}** "
             f"({x[f'batch{b}']['limit_tokens_per_s']:.1f}), {x[f'batch{b}']['tokens_per_s'] / bf16[f'batch{b}']['tokens_per_s']:.2f}x bf16")  # fmt: skip
-    row("time to first token, 256-token prompt", lambda x, m: f"{x['batch1']['ttft_s'] * 1000:.0f} ms")
-    row("peak memory while generating (batch 8)", lambda x, m: f"{x['peak_generating_bytes'] / GIB:.2f} GiB")
+    row("teacher-forced top-1 agreement with bf16 / mean relative logit error",
+        lambda x, m: f"{x['top1_agreement']:.3f} / {x['relative_logit_error']:.4f}")
+    row(f"time to first token, {r['prompt_length']}-token prompt", lambda x, m: f"{x['batch1']['ttft_s'] * 1000:.0f} ms")
+    row("model + peak growth while generating (batch 8)", lambda x, m: f"{x['peak_generating_bytes'] / GIB:.2f} GiB")
     rows += ["", "Full models (exact bytes; decode extrapolated at the bytes/s each mode reached above, batch 1):", "",
              "| model | " + " | ".join(MODES) + " |", "|---" * (len(MODES) + 1) + "|"]  # fmt: skip
     for variant, sizes in r["full_models"].items():
