@@ -183,3 +183,19 @@ def test_problems_found_before_the_model_loads(tmp_path: Path, loads: list[str],
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert loads == []
+
+
+def test_unusable_image_paths_fail_their_own_line_only(tmp_path: Path, loads: list[str]) -> None:
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    lines = [
+        {"id": "nouser", "prompt": "Hi", "images": ["~nosuchuser_h10/x.png"]},
+        {"id": "long", "prompt": "Hi", "images": ["a" * 5000]},
+        {"id": "fifo", "prompt": "Hi", "images": ["/dev/null"]},
+        {"id": "ok", "prompt": "Hi"},
+    ]
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert run_batch(str(requests), str(answers)) == 1
+    by_id = {r["id"]: r for r in records(answers)}
+    assert "home directory is unknown" in by_id["nouser"]["error"]
+    assert "File name too long" in by_id["long"]["error"] and "not a regular file" in by_id["fifo"]["error"]
+    assert "error" not in by_id["ok"]

@@ -157,10 +157,14 @@ def _relative_to(sources: Any, base: Path) -> Any:
     """Relative image paths of a request file are relative to that file, wherever the command runs."""
     if not isinstance(sources, list):
         raise ValueError('"images" must be a list')
-    return [
-        str(base / s) if isinstance(s, str) and ":" not in s and not Path(s).expanduser().is_absolute() else s
-        for s in sources
-    ]
+    return [str(base / s) if isinstance(s, str) and ":" not in s and _relative_path(s) else s for s in sources]
+
+
+def _relative_path(source: str) -> bool:
+    try:
+        return not Path(source).expanduser().is_absolute()
+    except RuntimeError:  # "~nouser/x.png": left to load_image, which makes it this line's error
+        return False
 
 
 def read_requests(source: Path, defaults: dict[str, Any]) -> list[Request]:
