@@ -190,13 +190,16 @@ def check_mode(mode: str, device: torch.device) -> None:
         )
 
 
-def replace_linears(model: nn.Module, mode: str, dtype: torch.dtype, quantize_vision: bool) -> list[str]:
+def replace_linears(
+    model: nn.Module, mode: str, dtype: torch.dtype, quantize_vision: bool, device: torch.device = torch.device("cpu")
+) -> list[str]:
     """Swap the targeted nn.Linear modules (still on meta) for quantized shells; returns their names."""
+    int4_k = 128 if device.type == "cuda" else 32  # tinygemm packs K in tiles of 8 x 16
     names = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or not is_quantized_target(name, quantize_vision):
             continue
-        if mode == "int4" and (module.in_features % 32 or module.out_features % 16):
+        if mode == "int4" and (module.in_features % int4_k or module.out_features % 16):
             continue  # no int4 kernel for this shape (vision fc2: 4304 inputs): kept in the model dtype
         n, k, bias = module.out_features, module.in_features, module.bias is not None
         if mode == "nf4":
@@ -255,7 +258,7 @@ def load_quantized(
     dtype = dtype or torch.bfloat16
     with torch.device("meta"):
         model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    names = replace_linears(model, quantize, dtype, quantize_vision)
+    names = replace_linears(model, quantize, dtype, quantize_vision, device)
     expected = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
     if saved is None:  # a full-precision checkpoint: one weight per quantized Linear, scales are computed here
         expected = {key for key in expected if not key.endswith((".weight_scale", ".weight_scale_zero"))}
