@@ -8,7 +8,9 @@ buffer grows (one copy) only when full, once every ``block`` steps.
 
 The contract with the attention layers is transformers' ``Cache.update(a, b, layer_idx) -> (a_all, b_all)``
 with (B, heads, T, dim) tensors: (key, value) for MHA, (rope key, latent) for MLA. ``InPlaceCache`` is a
-``DynamicCache``, so everything that accepts one (``generate``, ``crop``, beam reordering) accepts it.
+``DynamicCache``, so everything that accepts one (``generate``, ``crop``, beam reordering) accepts it. One
+difference: ``keys``/``values`` are views of the buffers, and an update after ``crop`` overwrites the entries
+past the cropped length in place; ``.clone()`` them to keep them.
 """
 
 from __future__ import annotations
