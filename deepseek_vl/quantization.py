@@ -49,9 +49,9 @@ class Int8Linear(nn.Module):
 
     @torch.no_grad()
     def set_weight(self, w: torch.Tensor) -> None:
-        w = w.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (N,)
-        self.weight = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+        w = w.to(torch.float32, copy=True)  # the one temporary: the steps below work in place on it
+        scale = torch.linalg.vector_norm(w, float("inf"), dim=1).clamp(min=1e-12) / 127  # (N,)
+        self.weight = w.div_(scale[:, None]).round_().clamp_(-128, 127).to(torch.int8)
         self.weight_scale = scale.to(self.weight_scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
