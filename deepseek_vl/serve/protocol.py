@@ -240,7 +240,8 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         message = first["msg"] if first["type"] != "extra_forbidden" else "unsupported parameter"
-        raise APIError(422, f"Invalid request: {where or 'body'}: {message}.", "invalid_request", where or None)
+        # 400, as OpenAI answers an invalid parameter (FastAPI's own default would be 422).
+        raise APIError(400, f"Invalid request: {where or 'body'}: {message}.", "invalid_request", where or None)
 
 
 def check_options(req: ChatCompletionRequest) -> None:
