@@ -429,8 +429,12 @@ class ChatStream:
         if self._error is not None:
             raise self._error
 
-    def close(self) -> None:
+    def cancel(self) -> None:
+        """Ask the generation to stop after the current token, without waiting (safe in a signal handler)."""
         self._cancel.set()
+
+    def close(self) -> None:
+        self.cancel()
         self._thread.join()
 
     def __enter__(self) -> ChatStream:

@@ -19,7 +19,9 @@ import importlib.metadata
 import importlib.util
 import json
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -404,10 +406,22 @@ class StreamedAnswer:
 
 def stream_answer(stream: ChatStream, *, echo: bool) -> StreamedAnswer:
     """Print the pieces of an answer as they come (echo), else show progress on a terminal's stderr; Ctrl-C stops
-    the generation and keeps what was generated (finish_reason "cancelled")."""
+    the generation and keeps what was generated (finish_reason "cancelled").
+
+    Ctrl-C only asks the generation to stop (a second one interrupts at once): an exception raised between printing
+    a piece and recording it would print that piece twice, or lose it.
+    """
     answer = StreamedAnswer()
     progress = not echo and sys.stderr.isatty()
     shown, characters, last_update = "", 0, 0.0
+
+    def stop(signum: int, frame: Any) -> None:
+        if answer.interrupted:
+            raise KeyboardInterrupt
+        answer.interrupted = True
+        stream.cancel()
+
+    previous = signal.signal(signal.SIGINT, stop) if threading.current_thread() is threading.main_thread() else None
     try:
         for piece in stream:
             answer.first_piece = answer.first_piece or time.perf_counter()
@@ -419,9 +433,9 @@ def stream_answer(stream: ChatStream, *, echo: bool) -> StreamedAnswer:
                 if time.perf_counter() - last_update > 0.25:
                     last_update = time.perf_counter()
                     print(f"\rgenerating: {characters} characters", end="", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        answer.interrupted = True
-        stream.close()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     answer.finished = time.perf_counter()
     answer.result = stream.result
     if progress and last_update:
