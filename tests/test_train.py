@@ -286,30 +286,49 @@ def test_resume_continues_the_same_loss_curve(trained, tmp_path) -> None:
 # --- data parallel ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # two torchrun launches: about 90 s on 2 cores
-def test_two_process_gloo_ddp_equals_one_process_on_the_same_global_batch(tmp_path: Path) -> None:
-    """torchrun, 2 CPU processes on gloo with 1 row each == 1 process with both rows: losses and updated weights.
-
-    The two rows differ in length (one has an image), so this also checks that the loss is normalised by the
-    global label-token count and that the balance loss ignores the padding of the single-process batch.
-    """
+def torchrun_worker(data: Path, output: Path, processes: int, batch: int, mode: str = "ddp") -> tuple[dict, dict]:
+    """tests/train_ddp_worker.py under torchrun: (its result.json, the saved adapter weights)."""
     import subprocess
     import sys
 
     from safetensors.torch import load_file
 
-    data = write_jsonl(tmp_path / "train.jsonl", TRAIN_ROWS[:2])
     worker = Path(__file__).with_name("train_ddp_worker.py")
-    runs = {}
-    for processes, batch in ((1, 2), (2, 1)):
-        output = tmp_path / f"run{processes}"
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-                   "--master-port", str(29500 + processes), str(worker), str(data), str(output), str(batch)]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[processes] = json.loads((output / "result.json").read_text()), load_file(output / "adapter_model.safetensors")
-    (one, weights_one), (two, weights_two) = runs[1], runs[2]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+               str(worker), str(data), str(output), str(batch), mode]  # fmt: skip  (--standalone: a free port)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((output / "result.json").read_text()), load_file(output / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> tuple[Path, dict, dict]:
+    """The reference: 1 process with both rows in its batch (one text-only row, one image row: different lengths)."""
+    folder = tmp_path_factory.mktemp("one_process")
+    data = write_jsonl(folder / "train.jsonl", TRAIN_ROWS[:2])
+    return data, *torchrun_worker(data, folder / "run", processes=1, batch=2)
+
+
+@pytest.mark.slow  # torchrun launches: about 90 s on 2 cores for both
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_gloo_run_equals_one_process_on_the_same_global_batch(one_process_run, mode, tmp_path) -> None:
+    """torchrun, 2 CPU processes on gloo with 1 row each == 1 process with both rows: losses and updated weights.
+
+    The two rows differ in length (one has an image), so this also checks that the loss is normalised by the
+    global label-token count and that the balance loss ignores the padding of the single-process batch. FSDP (the
+    `finetune --fsdp` configuration) shards every decoder layer and vision block; the process with the text-only
+    row still runs the vision blocks in step with the other (their weights are gathered collectively).
+    """
+    data, one, weights_one = one_process_run
+    two, weights_two = torchrun_worker(data, tmp_path / mode, processes=2, batch=1, mode=mode)
     assert one["world"] == 1 and two["world"] == 2 and len(one["losses"]) == 3
+    if mode == "fsdp":
+        config = json.loads((TINY / "config.json").read_text())
+        layers, blocks = config["language_config"]["num_hidden_layers"], config["vision_config"]["layers"]
+        assert two["fsdp_units"][0] == "FSDPPeftModel"  # the root; accelerate also makes the embedding a unit
+        assert two["fsdp_units"].count("FSDPDeepseekV2DecoderLayer") == layers and two["fsdp_units"].count("FSDPBlock") == blocks
+    else:
+        assert two["fsdp_units"] == []
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
     assert one["losses"][-1] < one["losses"][0]
     assert weights_one.keys() == weights_two.keys()
@@ -319,6 +338,35 @@ def test_two_process_gloo_ddp_equals_one_process_on_the_same_global_batch(tmp_pa
 
 
 # --- command line -----------------------------------------------------------------------------------------------
+
+
+def test_finetune_fsdp_flag_shards_per_decoder_layer_and_vision_block(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`finetune --fsdp` -> the FSDP2 configuration the 2-process test runs; without it, no FSDP."""
+    from deepseek_vl.models import DeepseekVLV2ForCausalLM
+    from deepseek_vl.serve.cli import main
+    from deepseek_vl.train import trainer
+
+    seen = []
+
+    def record(config, train, evaluation=None):
+        seen.append(trainer.training_arguments(config, has_eval=False))
+        return trainer.Summary(0, 1, 0, 0.0, 0, 0.0, 0, 0.0)
+
+    monkeypatch.setattr(trainer, "finetune", record)
+    data = write_jsonl(tmp_path / "train.jsonl", TRAIN_ROWS[:1])
+    for extra in (["--fsdp"], []):
+        assert main(["finetune", "--model", str(TINY), "--data", str(data), "--output", str(tmp_path / "out"), *extra]) == 0
+    sharded, plain = seen
+    assert plain.fsdp_plugin_args is None
+    plugin = sharded.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is True
+    assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    units = plugin["transformer_cls_names_to_wrap"].split(",")
+    assert units == ["DeepseekV2DecoderLayer", "Block"]
+    model = DeepseekVLV2ForCausalLM.from_pretrained(TINY)
+    names = [type(module).__name__ for module in model.modules()]
+    assert names.count("DeepseekV2DecoderLayer") == len(model.language.model.layers)
+    assert names.count("Block") == len(model.vision.blocks)
 
 
 def test_finetune_validate_reports_statistics(tmp_path: Path, capsys) -> None:

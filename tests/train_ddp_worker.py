@@ -1,6 +1,6 @@
-"""One LoRA fine-tuning run for the data-parallel test: `torchrun --nproc-per-node N tests/train_ddp_worker.py DATA OUT B`.
+"""One LoRA fine-tuning run for the data-parallel tests: `torchrun --nproc-per-node N tests/train_ddp_worker.py DATA OUT B [fsdp]`.
 
-B is the per-process batch; the rank-0 process writes OUT/result.json (losses) and the adapter to OUT. Plain SGD:
+B is the per-process batch; `fsdp` shards the model with the `finetune --fsdp` configuration (else DDP). The rank-0 process writes OUT/result.json (losses) and the adapter to OUT. Plain SGD:
 Adam's first steps are sign(gradient), which turns float32 rounding noise in near-zero gradients into full steps.
 """
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 sys.path.insert(0, str(Path(__file__).parent))
 from golden import checkpoint  # noqa: E402
@@ -20,12 +21,14 @@ from deepseek_vl.train.trainer import FinetuneConfig, build_trainer, load_model 
 
 torch.set_num_threads(1)
 data, output, batch = read_jsonl(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+fsdp = sys.argv[4:] == ["fsdp"]  # else "ddp" (or nothing)
 config = FinetuneConfig(model=str(checkpoint("tiny")), output=str(output), max_steps=3, batch_size=batch,
-                        learning_rate=0.05, optimizer="sgd", logging_steps=1, save_steps=100, warmup_ratio=0.0, lora_dropout=0.0)
+                        learning_rate=0.05, optimizer="sgd", logging_steps=1, save_steps=100, warmup_ratio=0.0, lora_dropout=0.0, fsdp=fsdp)
 model, processor = load_model(config)
 trainer = build_trainer(config, model, processor, data, None)
 trainer.train()
 trainer.save_model(str(output))
 if trainer.is_world_process_zero():
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    (output / "result.json").write_text(json.dumps({"losses": losses, "world": trainer.args.world_size, "log": trainer.state.log_history}))
+    units = [type(module).__name__ for module in trainer.model.modules() if isinstance(module, FSDPModule)]
+    (output / "result.json").write_text(json.dumps({"losses": losses, "world": trainer.args.world_size, "fsdp_units": units, "log": trainer.state.log_history}))

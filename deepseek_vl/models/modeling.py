@@ -56,6 +56,10 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
 
     # Tiles encoded per vision pass: all tiles of a batch go through together, up to this bound.
     vision_batch_size = 32
+    # Set for FSDP training (deepseek_vl.train): every forward then runs the vision tower exactly once, all tiles in one
+    # pass and one zero tile (weighted 0) for a text-only batch, since each sharded vision block gathers its weights
+    # collectively and every process must make the same calls.
+    vision_in_lockstep = False
 
     def __init__(self, config: DeepseekVLV2Config) -> None:
         super().__init__(config)
@@ -124,6 +128,9 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
         """
         embeds = self.get_input_embeddings()(input_ids)
         if images is None or images_spatial_crop is None or not bool(images_spatial_crop.any()):
+            if self.vision_in_lockstep:
+                blank = embeds.new_zeros(1, 3, *self.vision.patch_embed.img_size)
+                return embeds + 0.0 * self.encode_tiles(blank).sum().to(embeds.dtype)
             return embeds
         if images_seq_mask is None:
             raise ValueError("images were given without images_seq_mask: pass the processor's output unchanged")
@@ -154,7 +161,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
     def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         """Vision tower + projector on (tiles, 3, H, W), ``vision_batch_size`` tiles per pass to cap memory."""
         dtype = self.vision.patch_embed.proj.weight.dtype
-        batches = tiles.split(self.vision_batch_size)
+        batches = tiles.split(len(tiles) if self.vision_in_lockstep else self.vision_batch_size)
         return torch.cat([self.projector(self.vision(batch.to(dtype))) for batch in batches])
 
     def tile_layout(self, features: torch.Tensor, width_tiles: int, height_tiles: int) -> torch.Tensor:

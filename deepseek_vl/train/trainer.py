@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
 
@@ -27,6 +29,10 @@ from deepseek_vl.train.lora import TrainableParts, apply_lora, count_parameters,
 
 METHODS = ("lora", "qlora", "full")
 FSDP_UNITS = ["DeepseekV2DecoderLayer", "Block"]  # the model's _no_split_modules: decoder layer, ViT block
+# FSDP2 (torch fully_shard through accelerate), one unit per decoder layer and per vision block, parameters re-sharded
+# after each unit's forward (ZeRO-3-like); accelerate gives the input embedding its own unit, the rest is the root unit.
+FSDP_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_layer_cls_to_wrap": FSDP_UNITS,
+               "reshard_after_forward": True}  # fmt: skip
 
 
 @dataclass
@@ -156,16 +162,38 @@ def training_arguments(config: FinetuneConfig, has_eval: bool) -> TrainingArgume
         report_to="none",
         disable_tqdm=False,
         ddp_find_unused_parameters=False,
-        fsdp="full_shard auto_wrap" if config.fsdp else "",
-        fsdp_config={"transformer_layer_cls_to_wrap": FSDP_UNITS} if config.fsdp else None,
+        fsdp=config.fsdp,
+        fsdp_config=FSDP_CONFIG if config.fsdp else None,
         deepspeed=config.deepspeed,
     )
+
+
+class FinetuneTrainer(Trainer):
+    """Trainer whose FSDP also runs on CPU processes (gloo).
+
+    accelerate 1.16 only switches to FSDP for accelerator devices (AcceleratorState: the ``fsdp_plugin`` is taken in
+    the MULTI_GPU/NPU/XPU/... branch); on MULTI_CPU it drops the plugin and silently wraps the model in DDP instead.
+    torch's FSDP2 ``fully_shard`` itself works on CPU with gloo, so the state is switched to FSDP here.
+    """
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        on_cpu = state.distributed_type == DistributedType.MULTI_CPU
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled and on_cpu:
+            state.distributed_type = DistributedType.FSDP  # also in PartialState, which every new AcceleratorState copies
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+        if self.is_fsdp_enabled:
+            unwrapped = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            unwrapped.vision_in_lockstep = True
 
 
 def build_trainer(
     config: FinetuneConfig, model, processor, train: list[Example], evaluation: list[Example] | None
 ) -> Trainer:
-    trainer = Trainer(
+    trainer = FinetuneTrainer(
         model=model,
         args=training_arguments(config, bool(evaluation)),
         data_collator=Collator(processor, config.max_length),
