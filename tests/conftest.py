@@ -27,3 +27,24 @@ def load_model():
         return _models[key]
 
     return load
+
+
+@pytest.fixture(scope="module")
+def pipe_for(load_model):
+    """VLChat over the shared golden model of a variant, one per test module (modules may change its settings)."""
+    from deepseek_vl.chat import VLChat
+    from deepseek_vl.models import DeepseekVLV2Processor
+
+    pipes: dict = {}
+
+    def get(variant: str):
+        if variant not in pipes:
+            pipes[variant] = VLChat(load_model(variant), DeepseekVLV2Processor.from_pretrained(checkpoint(variant)))
+        return pipes[variant]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def tiny(pipe_for):
+    return pipe_for("tiny")

@@ -14,17 +14,11 @@ import pytest
 
 import deepseek_vl.serve.batch as batch
 from deepseek_vl.chat import VLChat
-from deepseek_vl.models import DeepseekVLV2Processor
 from deepseek_vl.serve.cli import main
 from golden import GOLDEN, checkpoint
 
 TINY = str(checkpoint("tiny"))
 SMALL_IMAGE = GOLDEN / "images" / "tiny_8x8.png"
-
-
-@pytest.fixture(scope="module")
-def tiny(load_model) -> VLChat:
-    return VLChat(load_model("tiny"), DeepseekVLV2Processor.from_pretrained(TINY))
 
 
 @pytest.fixture

@@ -23,29 +23,11 @@ from deepseek_vl.chat import (
     resolve_dtype,
     resolve_model_folder,
 )
-from deepseek_vl.models import DeepseekVLV2Processor
 from golden import GOLDEN, VARIANTS, checkpoint, model_case, processor_case
 
 IMAGES = GOLDEN / "images"
 GIRAFFES = str(IMAGES / "visual_grounding_1.jpeg")
 VEGETABLES = str(IMAGES / "multi_image_1.jpeg")
-
-
-@pytest.fixture(scope="module")
-def pipe_for(load_model):
-    pipes: dict[str, VLChat] = {}
-
-    def get(variant: str) -> VLChat:
-        if variant not in pipes:
-            pipes[variant] = VLChat(load_model(variant), DeepseekVLV2Processor.from_pretrained(checkpoint(variant)))
-        return pipes[variant]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def tiny(pipe_for) -> VLChat:
-    return pipe_for("tiny")
 
 
 def golden_conversation(case: str, sample: int = 0) -> list[dict]:

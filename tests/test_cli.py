@@ -31,11 +31,6 @@ SMALL_IMAGE = str(GOLDEN / "images" / "tiny_8x8.png")
 GROUNDING_PROMPT = "<|ref|>The giraffe at the back.<|/ref|>."
 
 
-@pytest.fixture(scope="module")
-def tiny(load_model) -> VLChat:
-    return VLChat(load_model("tiny"), DeepseekVLV2Processor.from_pretrained(TINY))
-
-
 def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "deepseek_vl", *args]
     return subprocess.run(
@@ -396,7 +391,6 @@ def test_hub_id_without_network_fails_fast(tmp_path: Path, monkeypatch: pytest.M
     import socket as socket_module
 
     from deepseek_vl.chat import ModelLoadError, resolve_model_folder
-    from deepseek_vl.models import DeepseekVLV2Processor
     from deepseek_vl.utils.hub import hub_unreachable
 
     def no_dns(*args, **kwargs):

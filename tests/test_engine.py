@@ -13,7 +13,6 @@ import pytest
 
 from deepseek_vl.chat import VLChat
 from deepseek_vl.engine import Engine
-from deepseek_vl.models import DeepseekVLV2Processor
 from golden import GOLDEN, checkpoint
 
 IMAGES = GOLDEN / "images"
@@ -28,23 +27,6 @@ REQUESTS = [
     ([{"role": "user", "content": "What is two plus two?"}], 2),
     ([{"role": "user", "content": "A", "images": [str(IMAGES / "tiny_8x8.png")]}], 7),
 ]
-
-
-@pytest.fixture(scope="module")
-def pipe_for(load_model):
-    pipes: dict[str, VLChat] = {}
-
-    def get(variant: str) -> VLChat:
-        if variant not in pipes:
-            pipes[variant] = VLChat(load_model(variant), DeepseekVLV2Processor.from_pretrained(checkpoint(variant)))
-        return pipes[variant]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def tiny(pipe_for) -> VLChat:
-    return pipe_for("tiny")
 
 
 def run_until_done(engine: Engine, handles: list) -> None:

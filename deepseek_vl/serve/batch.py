@@ -28,7 +28,7 @@ from deepseek_vl.serve.cli import (
 )
 
 if TYPE_CHECKING:
-    from deepseek_vl.chat import ChatResult, VLChat
+    from deepseek_vl.chat import VLChat
 
 __all__ = ["LINE_OPTIONS", "Request", "add_parser", "read_requests", "run"]
 
