@@ -1,6 +1,7 @@
 """Fine-tuning cost on the real Tiny layer shapes: trainable parameters, tokens/s and peak memory per method.
 
     python benchmarks/bench_train.py --layers 2 --vision-layers 3 --record
+    python benchmarks/bench_train.py --layers 2 --vision-layers 3 --alternate  # LoRA step time only, interleaved
 
 Compared in one run, on one training sample with one image (450 x 308 pixels: a global view and one tile):
 default LoRA (attention, dense MLP, shared experts), all-linear LoRA (plus every routed expert, what ms-swift
@@ -99,7 +100,8 @@ def prepare(model, method: str, parts: TrainableParts, checkpointing: bool):
     return model.train()
 
 
-def measure(args, method: str, parts: TrainableParts, checkpointing: bool, batch) -> dict:
+def trainer_step(args, method: str, parts: TrainableParts, checkpointing: bool, batch):
+    """(model, one optimizer step on the batch); the first call allocates gradients and optimizer state."""
     torch.manual_seed(0)
     model = prepare(build_model("tiny", args.layers, args.vision_layers, torch.float32, "cpu"), method, parts,
                     checkpointing)  # fmt: skip
@@ -113,6 +115,11 @@ def measure(args, method: str, parts: TrainableParts, checkpointing: bool, batch
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated: they are not activations
         return loss.item()
 
+    return model, step
+
+
+def measure(args, method: str, parts: TrainableParts, checkpointing: bool, batch) -> dict:
+    model, step = trainer_step(args, method, parts, checkpointing, batch)
     step()  # allocates gradients and optimizer state
     gc.collect()
     times, peaks = [], []
@@ -130,9 +137,48 @@ def measure(args, method: str, parts: TrainableParts, checkpointing: bool, batch
         "activation_bytes": max(peaks),
         "resident_bytes": PeakMemory("cpu").rss(),
     }
-    del model, optimizer
+    del model, step
     gc.collect()
     return result
+
+
+def alternate(args, batch) -> dict:
+    """Default vs all-linear LoRA step time, both models alive, steps interleaved so both see the same host load."""
+    medians = {}
+    for checkpointing in (True, False):
+        steps = {}
+        for short in ("default", "all-linear"):
+            _, steps[short] = trainer_step(args, *METHODS[SHORT[short]], checkpointing, batch)
+            steps[short]()  # warm-up: gradients and optimizer state
+        times = {short: [] for short in steps}
+        for _ in range(args.rounds):
+            for short, step in steps.items():
+                start = time.perf_counter()
+                step()
+                times[short].append(time.perf_counter() - start)
+        state = "on" if checkpointing else "off"
+        medians[state] = {short: statistics.median(values) for short, values in times.items()} | {"times": times}
+        print(f"checkpointing {state}", json.dumps(medians[state]), flush=True)
+        del steps
+        gc.collect()
+    return medians
+
+
+def format_alternated(args, medians: dict, tokens: int) -> str:
+    lines = [
+        f"### Default vs all-linear LoRA step time, alternated, Tiny shapes, {args.layers} of 12 language layers, "
+        f"{args.vision_layers} of 27 vision blocks, float32, CPU ({datetime.date.today()}, torch {torch.__version__})",
+        "",
+        f"One training sample with one image ({tokens} tokens), batch 1, LoRA rank 16, AdamW; both models built once, "
+        f"steps interleaved (default, all-linear, default, ...), medians of {args.rounds} steps each after a warm-up.",
+        "",
+        "| checkpointing | default LoRA step | all-linear LoRA step | all-linear / default |",
+        "|---|---|---|---|",
+    ]
+    for state, row in medians.items():
+        lines.append(f"| {state} | {row['default']:.2f} s | {row['all-linear']:.2f} s "
+                     f"| {row['all-linear'] / row['default']:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def full_tiny_counts() -> dict[str, int]:
@@ -151,10 +197,23 @@ def main() -> None:
     parser.add_argument("--vision-layers", type=int, default=3, help="SigLIP blocks, of 27")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--methods", nargs="+", choices=list(SHORT), default=list(SHORT), help="which to measure")
+    parser.add_argument("--alternate", action="store_true",
+                        help="only the default vs all-linear LoRA step time, steps interleaved (--rounds each)")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     batch = sample_batch()
+    if args.alternate:
+        medians = alternate(args, batch)
+        table = format_alternated(args, medians, int(batch["attention_mask"].sum()))
+        print(table)
+        out = REPO / "benchmarks" / "results" / f"cpu-train-tiny-{args.layers}layers-alternated.json"
+        out.write_text(json.dumps({"args": vars(args), "medians": medians, "machine": machine()}, indent=1))
+        if args.record:
+            with open(REPO / "benchmarks" / "RESULTS.md", "a") as results:
+                results.write("\n" + table + "\n")
+        return
     rows = {}
     for name, (method, parts) in METHODS.items():
         if SHORT_NAMES[name] not in args.methods:
