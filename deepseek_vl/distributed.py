@@ -99,9 +99,18 @@ def _resolve(sources: Any, base: Path | None) -> list | None:
     if base is None:
         return sources
     return [
-        str(base / s) if isinstance(s, str) and ":" not in s and not Path(s).expanduser().is_absolute() else s
+        str(base / s) if isinstance(s, str) and ":" not in s and relative_path(s) else s
         for s in sources
     ]
+
+
+def relative_path(source: str) -> bool:
+    """Whether an image path is relative (so resolved from the request file's folder); "~nouser/x.png" is left to
+    load_image, which makes it that row's error instead of a RuntimeError for the whole batch."""
+    try:
+        return not Path(source).expanduser().is_absolute()
+    except RuntimeError:
+        return False
 
 
 def _integral(key: str, value: Any) -> Any:
@@ -271,13 +280,6 @@ def run_ray_batch(
 
 class _RequestPredictor(VLPredictor):
     """VLPredictor over rows holding the whole request as JSON text (`batch --ray`); answers go back as JSON."""
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickled as its constructor arguments: the copy loads the model itself, where it is unpickled."""
-        return self._arguments
-
-    def __setstate__(self, arguments: dict[str, Any]) -> None:
-        self.__init__(**arguments)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         records = self.answer_rows([json.loads(text) for text in batch["request"]])

@@ -65,3 +65,17 @@ def test_generate_uses_the_in_place_cache_and_reproduces_official_tokens(load_mo
         )  # fmt: skip
     assert isinstance(out.cache, InPlaceCache)
     assert torch.equal(out.sequences, model_case(variant, CASE)[1]["generated_ids"])
+
+
+def test_generate_keeps_a_cache_the_caller_passed(load_model) -> None:
+    """A caller's DynamicCache holding the prompt is the one generate extends, and the answer is unchanged."""
+    model = load_model("small")
+    prompt = torch.tensor([[0, 19923, 14, 2058, 3, 19923, 14]])
+    options = dict(pad_token_id=1, eos_token_id=1, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        expected = model.language.generate(input_ids=prompt, **options)
+        cache = DynamicCache()
+        model.language(input_ids=prompt[:, :-1], cache=cache, use_cache=True)
+        out = model.language.generate(input_ids=prompt, cache=cache, **options)
+    assert torch.equal(out, expected)
+    assert cache.get_seq_length() == prompt.shape[1] + 6 - 1  # the caller's cache holds all but the last token

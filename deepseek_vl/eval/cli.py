@@ -103,7 +103,8 @@ def evaluate(
     task = TASKS[task_name]
     if not data.is_file():
         raise FileNotFoundError(f"data file {str(data)!r} does not exist")
-    lines = [line for line in data.read_text(encoding="utf-8").splitlines() if line.strip()][:limit]
+    # Lines end at "\n" only: JSON strings may hold U+2028 and friends, which splitlines() would split on.
+    lines = [line for line in data.read_text(encoding="utf-8").split("\n") if line.strip()][:limit]
     folder = data.resolve().parent
     samples, rows = [], []
     for number, line in enumerate(lines, 1):
@@ -184,23 +185,31 @@ def _answer(rows, predictor, way, batch_size, ray_address, concurrency, num_gpus
 
 
 def _answer_on_engine(rows, local, max_rows):
-    """Every sample submitted at once; the engine keeps `max_rows` generating and refills a row as one finishes."""
+    """The engine keeps `max_rows` generating and refills a row as one finishes; samples are submitted at most
+    2 x `max_rows` ahead, so only their images are in memory, not the whole data set's."""
+    import collections
+
     from deepseek_vl.engine import Engine
+
+    def finished(line, handle):
+        try:
+            return line, {"error": handle} if isinstance(handle, str) else handle.wait().to_dict()
+        except Exception as error:  # noqa: BLE001
+            return line, {"error": f"{type(error).__name__}: {error}"}
 
     engine = Engine(local.pipe, max_rows=max_rows)
     engine.start()
     try:
-        handles = []
+        pending: collections.deque = collections.deque()  # (line, handle or error), in order
         for line, row in rows:
             try:
                 messages = [{"role": "user", "content": row["prompt"]}]
-                handles.append((line, engine.submit(messages, row["images"], **local.defaults)))
+                pending.append((line, engine.submit(messages, row["images"], **local.defaults)))
             except Exception as error:  # noqa: BLE001 - a sample that cannot be prepared is recorded, not fatal
-                handles.append((line, f"{type(error).__name__}: {error}"))
-        for line, handle in handles:
-            try:
-                yield line, {"error": handle} if isinstance(handle, str) else handle.wait().to_dict()
-            except Exception as error:  # noqa: BLE001
-                yield line, {"error": f"{type(error).__name__}: {error}"}
+                pending.append((line, f"{type(error).__name__}: {error}"))
+            while len(pending) > 2 * max_rows:
+                yield finished(*pending.popleft())
+        while pending:
+            yield finished(*pending.popleft())
     finally:
         engine.stop()

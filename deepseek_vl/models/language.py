@@ -585,9 +585,15 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
         self.model.embed_tokens = value
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
-        """``generate``'s default cache is the in-place one: a ``DynamicCache`` that does not copy itself each step."""
+        """``generate``'s default cache is the in-place one: a ``DynamicCache`` that does not copy itself each step.
+
+        Only the cache ``generate`` makes itself is replaced: a cache the caller passed (possibly holding a prefix) and
+        an explicit ``cache_implementation`` are kept as they are.
+        """
         prepared = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        if type(model_kwargs.get("cache")) is DynamicCache:
+        cache = model_kwargs.get("cache")
+        made_here = not getattr(cache, "_is_user_defined", False) and generation_config.cache_implementation is None
+        if type(cache) is DynamicCache and made_here:
             model_kwargs["cache"] = InPlaceCache()
         return prepared
 

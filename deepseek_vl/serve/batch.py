@@ -157,14 +157,9 @@ def _relative_to(sources: Any, base: Path) -> Any:
     """Relative image paths of a request file are relative to that file, wherever the command runs."""
     if not isinstance(sources, list):
         raise ValueError('"images" must be a list')
-    return [str(base / s) if isinstance(s, str) and ":" not in s and _relative_path(s) else s for s in sources]
+    from deepseek_vl.distributed import relative_path
 
-
-def _relative_path(source: str) -> bool:
-    try:
-        return not Path(source).expanduser().is_absolute()
-    except RuntimeError:  # "~nouser/x.png": left to load_image, which makes it this line's error
-        return False
+    return [str(base / s) if isinstance(s, str) and ":" not in s and relative_path(s) else s for s in sources]
 
 
 def read_requests(source: Path, defaults: dict[str, Any]) -> list[Request]:
@@ -212,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
     records = _read_records(target)
     done = {_record_key(record): record for record in records}
     todo = [r for r in requests if r.key not in done or (args.retry_errors and "error" in done[r.key])]
-    earlier_errors = sum("error" in done[r.key] for r in requests if r.key in done and r not in todo)
+    # Errors kept from an earlier run (with --retry-errors they are in todo instead).
+    earlier_errors = 0 if args.retry_errors else sum("error" in done[r.key] for r in requests if r.key in done)
     if args.ray:
         answered = _answer_on_ray(todo, args)
     else:

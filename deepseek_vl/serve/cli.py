@@ -55,6 +55,9 @@ class CLIError(Exception):
     """A user mistake: reported as one line on stderr, exit status 2."""
 
 
+# The extra that installs an optional package a command imports when it runs (else the command's own extra).
+EXTRAS = {"xgrammar": "serve", "pyarrow": "distributed", "ray": "distributed", "peft": "train", "torchao": "quant",
+          "lmms_eval": "eval"}  # fmt: skip
 USER_ERRORS = (CLIError, ModelLoadError, FileNotFoundError, ValueError)  # ImageLoadError is a ValueError
 GENERATION_KEYS = tuple(field.name for field in fields(GenerationOptions))  # also the --flags, with dashes
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -81,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as error:  # an optional dependency of the command, imported when it runs
         if not error.name or error.name.partition(".")[0] == "deepseek_vl":
             raise
-        extra = {"finetune": "train", "merge": "train"}.get(args.command, args.command)
+        package = error.name.partition(".")[0]
+        extra = EXTRAS.get(package) or {"finetune": "train", "merge": "train"}.get(args.command, args.command)
         print(
             f"deepseek-vl2: error: the {args.command} command needs the package {error.name!r}: "
             f"pip install -e '.[{extra}]' (or pip install 'deepseek-vl2[{extra}]')", file=sys.stderr,

@@ -232,10 +232,8 @@ def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int = 7860, preven
 def run(args: argparse.Namespace) -> int:
     """`deepseek-vl2 demo` (options in commands.py): load the model once, then serve the demo until Ctrl-C."""
     from deepseek_vl.serve.cli import load_chat
-    from deepseek_vl.serve.commands import check_port
 
-    check_port(args.host, args.port)
-    chat = load_chat(args)
+    chat = load_chat(args)  # the port was checked by commands.run_demo, before the heavy imports
     demo = build_demo(
         chat, examples_dir=args.examples_dir, max_images=args.max_images, max_image_pixels=args.max_image_pixels
     )

@@ -209,15 +209,19 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_large
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+
+    async def read() -> None:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+
     try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                chunks.append(chunk)
-    except TimeoutError as error:
+        await asyncio.wait_for(read(), timeout)  # not asyncio.timeout: Python 3.10 is supported
+    except (TimeoutError, asyncio.TimeoutError) as error:
         message = f"The request body did not arrive within {timeout:g} s (--request-timeout)."
         raise APIError(408, message, "request_timeout") from error
     except ClientDisconnect as error:  # the client gave up mid-upload: nothing to answer, nothing to log

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deepseek_vl.engine.grammar import compile_response_format
 from deepseek_vl.engine.metrics import EngineMetrics
 from deepseek_vl.serve.admission import Admission, Overloaded, Ticket
-from deepseek_vl.serve.commands import API_KEY_ENV, SERVE_TUNING, check_port
+from deepseek_vl.serve.commands import API_KEY_ENV, SERVE_TUNING
 from deepseek_vl.serve.protocol import (
     APIError, ChatCompletionRequest, Limits, bad_request, check_json_content_type, check_model, check_options,
     check_prompt_chars, generation_budget, host_allowed, max_prompt_chars, parse_request, read_body, to_chat_messages,
@@ -340,8 +340,7 @@ def run(args: argparse.Namespace) -> int:
 
     from deepseek_vl.serve.cli import load_chat
 
-    check_port(args.host, args.port)
-    chat = load_chat(args)
+    chat = load_chat(args)  # the port was checked by commands.run_serve, before the heavy imports
     tuning = {name: getattr(args, name) for name in SERVE_TUNING}
     app = create_app(
         chat,

@@ -21,6 +21,7 @@ import ipaddress
 import os
 import socket
 import stat
+import time
 import zlib
 import urllib.error
 import urllib.parse
@@ -331,11 +332,13 @@ def _download(url: str, timeout: float, max_bytes: int, policy: RemotePolicy) ->
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > max_bytes:
                 raise ImageLoadError(
-                    f"Image URL {url} is {int(length)} bytes, more than max_bytes={max_bytes}; pass a larger max_bytes."
+                    f"Image URL {_short(url)} is {int(length)} bytes, more than max_bytes={max_bytes}; pass a larger max_bytes."
                 )
-            data = response.read(max_bytes + 1)
+            data = _read_within(response, max_bytes + 1, time.monotonic() + timeout)
+            if data is None:
+                raise ImageLoadError(_timeout_message(url, timeout))
     except urllib.error.HTTPError as error:
-        raise ImageLoadError(f"Downloading image {url} failed with HTTP {error.code} {error.reason}.") from error
+        raise ImageLoadError(f"Downloading image {_short(url)} failed with HTTP {error.code} {error.reason}.") from error
     except (socket.timeout, TimeoutError) as error:
         raise ImageLoadError(_timeout_message(url, timeout)) from error
     except urllib.error.URLError as error:
@@ -343,12 +346,27 @@ def _download(url: str, timeout: float, max_bytes: int, policy: RemotePolicy) ->
             raise ImageLoadError(_timeout_message(url, timeout)) from error
         if isinstance(error.reason, _RefusedAddress):
             raise ImageLoadError(f"Image URL {_short(url)} refused: {error.reason}.") from error
-        raise ImageLoadError(f"Could not download image {url}: {error.reason}.") from error
+        raise ImageLoadError(f"Could not download image {_short(url)}: {error.reason}.") from error
     except (OSError, http.client.HTTPException, ValueError) as error:  # reset connections, bad status lines
-        raise ImageLoadError(f"Could not download image {url}: {error or type(error).__name__}.") from error
+        raise ImageLoadError(f"Could not download image {_short(url)}: {error or type(error).__name__}.") from error
     if len(data) > max_bytes:
-        raise ImageLoadError(f"Image URL {url} is larger than max_bytes={max_bytes}; pass a larger max_bytes.")
+        raise ImageLoadError(f"Image URL {_short(url)} is larger than max_bytes={max_bytes}; pass a larger max_bytes.")
     return data
+
+
+def _read_within(response: Any, limit: int, deadline: float) -> bytes | None:
+    """Up to `limit` bytes of the body, or None past `deadline`: the socket timeout bounds each read, not the
+    whole download, so a host trickling a byte at a time could otherwise hold a worker for ever."""
+    chunks, size = [], 0
+    while size < limit:
+        if time.monotonic() > deadline:
+            return None
+        chunk = response.read1(min(1 << 16, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 class _RefusedAddress(OSError):
@@ -422,7 +440,7 @@ def _decode_data_url(url: str, max_bytes: int) -> bytes:
 
 
 def _timeout_message(url: str, timeout: float) -> str:
-    return f"Downloading image {url} timed out after {timeout} s; retry or pass a larger timeout."
+    return f"Downloading image {_short(url)} timed out after {timeout} s; retry or pass a larger timeout."
 
 
 def _short(text: str, limit: int = 60) -> str:
