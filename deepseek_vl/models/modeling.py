@@ -87,7 +87,8 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
             from ..quantization import load_quantized
 
             return load_quantized(cls, pretrained_model_name_or_path, quantize, **kwargs)
-        kwargs.pop("quantize_vision", None)
+        if kwargs.pop("quantize_vision", False):
+            raise ValueError("quantize_vision=True needs quantize='int8', 'int4' or 'nf4' as well")
         if kwargs.get("quantization_config") is not None:  # transformers' TorchAoConfig, BitsAndBytesConfig
             from ..quantization import default_kept_modules
 
