@@ -399,13 +399,18 @@ class DeepseekV2MoE(nn.Module):
             y = y + self.shared_experts(x)
         return y
 
+    def sort_by_expert(self, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The N*K (token, choice) copies of x (N, D) grouped by chosen expert: (N*K, D) tokens, the sort order and
+        the count per expert (its `.tolist()` is the one host sync per layer)."""
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        return x[order // idx.shape[1]], order, counts
+
     def routed(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Sort the N*K (token, expert) pairs by expert and run each chosen expert on one slice."""
         n, k = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()  # the one host sync per layer
-        tokens = x[order // k]  # (N*K, D), grouped by expert
+        tokens, order, counts = self.sort_by_expert(x, idx)
         outputs, start = [], 0
         for expert, count in zip(self.experts, counts):
             if count:
@@ -434,10 +439,8 @@ class DeepseekV2MoE(nn.Module):
     def routed_all_experts(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The grouped path without in-place writes; experts with no tokens run on an empty slice."""
         n, k = idx.shape
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
-        chunks = x[order // k].split(counts)  # (N*K, D) grouped by expert
+        tokens, order, counts = self.sort_by_expert(x, idx)
+        chunks = tokens.split(counts)
         expert_out = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
         expert_out = expert_out.index_select(0, order.argsort())  # back to (token, choice) order
         return weighted_sum(expert_out.view(n, k, -1), weight)
