@@ -341,7 +341,8 @@ def test_metrics_series(base_url: str, client: OpenAI):
     for series in (
         "deepseek_vl2_queue_length", "deepseek_vl2_running_rows", "deepseek_vl2_generated_tokens_per_second",
         "deepseek_vl2_time_to_first_token_seconds_bucket", "deepseek_vl2_time_per_output_token_seconds_bucket",
-        'deepseek_vl2_cache_hit_rate{cache="vision"}', 'deepseek_vl2_cache_hit_rate{cache="prefix"}',
+        'deepseek_vl2_cache_hit_rate{cache="vision"}', 'deepseek_vl2_cache_hit_rate{cache="tiles"}',
+        'deepseek_vl2_cache_hit_rate{cache="prefix"}',
         'deepseek_vl2_requests_rejected_total{reason="model_not_found"}',
     ):  # fmt: skip
         assert series in text

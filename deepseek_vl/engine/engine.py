@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from deepseek_vl.chat import GenerationOptions, _PieceStreamer
+from deepseek_vl.engine.reuse import LRUBytes
 from deepseek_vl.engine.runner import ModelRunner
 from deepseek_vl.engine.sampling import new_generator, sample
 from deepseek_vl.engine.scheduler import Scheduler
@@ -71,9 +72,9 @@ class _Sink:
 class Engine:
     """Continuous batching over one `VLChat`'s model: at most ``max_rows`` requests generate together.
 
-    ``prefill_budget`` bounds the prompt tokens run per step; the vision cache (image features by image content) and
-    the prefix cache (the cache of finished turns, for the next turn of the conversation) are bounded in bytes and
-    are off at 0.
+    ``prefill_budget`` bounds the prompt tokens run per step; the vision caches (image features and decoded tiles by
+    image content, half of ``vision_cache_bytes`` each) and the prefix cache (the cache of finished turns, for the
+    next turn of the conversation) are bounded in bytes and are off at 0.
     """
 
     def __init__(
@@ -88,11 +89,13 @@ class Engine:
     ) -> None:
         self.chat = chat
         self.scheduler = Scheduler(max_rows, prefill_budget)
-        self.runner = ModelRunner(chat.model, max_rows, vision_cache_bytes, prefix_cache_bytes)
-        if vision_cache_bytes:  # the images' tiles are kept too, by a processor of this engine's own
+        self.runner = ModelRunner(chat.model, max_rows, vision_cache_bytes // 2, prefix_cache_bytes)
+        self.tile_cache: LRUBytes[tuple[torch.Tensor, tuple[int, int]]] | None = None
+        if vision_cache_bytes:  # the other half keeps the images' tiles, for a processor of this engine's own
+            self.tile_cache = LRUBytes(vision_cache_bytes - vision_cache_bytes // 2)
             self.chat = copy.copy(chat)
             self.chat.processor = copy.copy(chat.processor)
-            self.chat.processor.tile_cache = self.runner.vision_cache
+            self.chat.processor.tile_cache = self.tile_cache
         self.metrics = metrics
         self.eos = chat.tokenizer.eos_token_id
         self.cond = threading.Condition()

@@ -66,9 +66,10 @@ class EngineMetrics:
         self.queue_length.set(engine.queued)
         self.running_rows.set(engine.scheduler.running)
         runner = engine.runner
-        if runner.vision_cache is not None:
-            lookups = runner.vision_cache.hits + runner.vision_cache.misses
-            self.cache_hit_rate.labels("vision").set(runner.vision_cache.hits / lookups if lookups else 0.0)
+        for name, cache in (("vision", runner.vision_cache), ("tiles", engine.tile_cache)):
+            if cache is not None:
+                lookups = cache.hits + cache.misses
+                self.cache_hit_rate.labels(name).set(cache.hits / lookups if lookups else 0.0)
         if runner.prefix_cache is not None:
             prefix = runner.prefix_cache
             self.cache_hit_rate.labels("prefix").set(prefix.hits / prefix.lookups if prefix.lookups else 0.0)

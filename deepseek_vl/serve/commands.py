@@ -30,7 +30,7 @@ SERVE_TUNING: dict[str, tuple[int | float | str, str]] = {
     "max_batch_size": (8, "most requests generated together (the engine's batch rows)"),
     "scheduler": ("engine", "engine: continuous batching; window: the older window batcher, for comparison"),
     "prefill_budget": (512, "most prompt tokens run per engine step (long prompts are prefilled in chunks)"),
-    "vision_cache_mb": (256, "memory for image features reused by later requests with the same image (0: off)"),
+    "vision_cache_mb": (256, "memory for image tiles and features reused by requests with the same image (0: off)"),
     "prefix_cache_mb": (1024, "memory for finished turns' caches, reused by the conversation's next turn (0: off)"),
     "max_queue": (64, "most requests in progress (waiting or generating); 503 with Retry-After above"),
     "max_request_pixels": (2 * 4096 * 4096, "most image pixels in one request, all its images together"),
