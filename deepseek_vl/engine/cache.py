@@ -46,6 +46,7 @@ class SlotCache:
         self.b: list[torch.Tensor] = []
         self._rows: slice = slice(0, 0)
         self._write: torch.Tensor | int = 0  # decode: (rows,) positions; prefill: the first position
+        self._row_index = torch.arange(0)  # decode: 0..rows-1, the rows written
         self._end = 0  # keys returned per row: positions [0, end)
 
     def reserve(self, positions: int) -> None:
@@ -68,9 +69,12 @@ class SlotCache:
         """Give the memory back (no row is live); the next ``reserve`` allocates again."""
         self.a, self.b, self.capacity = [], [], 0
 
-    def plan_decode(self, rows: int, lengths: torch.Tensor) -> None:
-        """The next forward is one new token for each of slots 0..rows-1, written at ``lengths`` (rows,)."""
-        self._rows, self._write, self._end = slice(0, rows), lengths, int(lengths.max()) + 1
+    def plan_decode(self, lengths: torch.Tensor, longest: int) -> None:
+        """The next forward is one new token for each of slots 0..rows-1, written at ``lengths`` (rows,);
+        ``longest`` is their maximum, passed from the host so that no step waits on the device for it."""
+        rows = lengths.shape[0]
+        self._rows, self._write, self._end = slice(0, rows), lengths, longest + 1
+        self._row_index = torch.arange(rows, device=lengths.device)  # once per step, not per layer
 
     def plan_prefill(self, slot: int, start: int, count: int) -> None:
         """The next forward is ``count`` prompt tokens of ``slot``, written at positions ``start``.."""
@@ -81,9 +85,8 @@ class SlotCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cache_a, cache_b = self.a[layer_idx], self.b[layer_idx]
         if isinstance(self._write, torch.Tensor):  # decode: one entry per row at its own length
-            index = torch.arange(a.shape[0], device=a.device)
-            cache_a[index, :, self._write] = a[:, :, 0].to(self.dtype)
-            cache_b[index, :, self._write] = b[:, :, 0].to(self.dtype)
+            cache_a[self._row_index, :, self._write] = a[:, :, 0].to(self.dtype)
+            cache_b[self._row_index, :, self._write] = b[:, :, 0].to(self.dtype)
         else:
             cache_a[self._rows, :, self._write : self._end] = a
             cache_b[self._rows, :, self._write : self._end] = b

@@ -117,14 +117,16 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(self, rows: list[Sequence]) -> torch.Tensor:
         """One token for each decoding row (slots 0..N-1, in order); returns (N, V) logits."""
-        lengths = torch.tensor([seq.cached for seq in rows], device=self.device)
-        self.cache.reserve(int(lengths.max()) + 1)
-        self.cache.plan_decode(len(rows), lengths)
+        cached = [seq.cached for seq in rows]  # lengths known on the host: no step waits on the device for them
+        longest = max(cached)
+        self.cache.reserve(longest + 1)
+        lengths = torch.tensor(cached, device=self.device)
+        self.cache.plan_decode(lengths, longest)
         tokens = torch.tensor([seq.output[-1] for seq in rows], device=self.device)
         x = self.language.model.embed_tokens(tokens)[:, None]  # (N, 1, D)
         mask = None  # rows of equal length attend to everything cached
-        if bool((lengths != lengths[0]).any()):
-            keys = torch.arange(int(lengths.max()) + 1, device=self.device)
+        if min(cached) != longest:
+            keys = torch.arange(longest + 1, device=self.device)
             mask = (keys[None, :] <= lengths[:, None])[:, None, None]  # (N, 1, 1, S)
         hidden = self._layers(x, lengths[:, None], mask)
         for seq in rows:

@@ -41,11 +41,21 @@ def sample(logits: torch.Tensor, rows: Seq[Sequence]) -> list[int]:
 
 def penalise(scores: torch.Tensor, seq: Sequence) -> None:
     """CTRL's repetition penalty over every token seen (prompt and answer): positive scores divided, negative
-    multiplied."""
-    seen = torch.tensor(seq.prompt_ids + seq.output, device=scores.device).unique()
+    multiplied.
+
+    The tokens seen are a (V,) mask kept with the sequence on the logits' device; each step adds only the answer
+    tokens new since the last one, so the history is not sent to the device again and nothing waits on it.
+    """
+    if seq.seen_tokens is None or seq.seen_tokens.device != scores.device:
+        seq.seen_tokens = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+        seq.seen_outputs = 0
+        seq.seen_tokens[torch.tensor(seq.prompt_ids, dtype=torch.long, device=scores.device)] = True
+    if len(seq.output) > seq.seen_outputs:
+        seq.seen_tokens[torch.tensor(seq.output[seq.seen_outputs :], device=scores.device)] = True
+        seq.seen_outputs = len(seq.output)
     penalty = seq.options.repetition_penalty
-    picked = scores[seen]
-    scores[seen] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    scores.copy_(torch.where(seq.seen_tokens, penalised, scores))
 
 
 def draw(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

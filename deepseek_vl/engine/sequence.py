@@ -50,6 +50,8 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     stopped_after: int | None = None  # generated tokens when a stop string appeared
     generator: torch.Generator | None = None
+    seen_tokens: torch.Tensor | None = None  # (V,) bool: prompt and answer tokens, for the repetition penalty
+    seen_outputs: int = 0  # answer tokens already marked in seen_tokens
     streamer: Any = None
     arrived: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
