@@ -105,7 +105,7 @@ class VLChat:
         device "auto" is cuda when available, else cpu; dtype "auto" is bfloat16 on cuda, float32 on cpu.
         Loading is strict: a missing or mis-shaped weight is an error naming it. ``adapter``: a LoRA adapter
         folder from ``deepseek-vl2 finetune`` (needs peft), merged into the weights once, so it costs no speed.
-        ``quantize``: "int8" | "int4" (CPU and CUDA) or "nf4" (CUDA, bitsandbytes) weights for the language model,
+        ``quantize``: "int8" | "int4" or "nf4" (bitsandbytes; all on CPU and CUDA) weights for the language model,
         quantized while loading (see deepseek_vl/quantization.py); dtype "auto" is then bfloat16.
         """
         if quantize is not None and adapter is not None:

@@ -7,7 +7,9 @@ CPU (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) and CUDA (``_weig
 ``_weight_int4pack_mm``). torchao 0.18's ``Int8WeightOnlyConfig`` converts the whole int8 weight to the
 activation dtype on every call on CPU and its ``Int4WeightOnlyConfig`` has no CPU packing, so neither is faster
 than bf16 there (``benchmarks/bench_quant.py``); its configs stay usable through transformers' ``TorchAoConfig``.
-``nf4`` is bitsandbytes' 4-bit NormalFloat (CUDA), the base of QLoRA.
+``nf4`` is bitsandbytes' 4-bit NormalFloat (blocks of 64 weights, CPU and CUDA), the base of QLoRA; layers whose
+inputs are not a multiple of 64 stay unquantized (bitsandbytes 0.50.2 dequantizes them wrongly on CPU; the real
+language layers all are multiples of 64, the narrow golden checkpoints' are not).
 
 Quantized: the decoder layers' linears (attention projections, dense MLPs, shared and routed experts).
 Kept in the model dtype: the vision tower and projector (unless ``quantize_vision``), router gates (top-k
@@ -19,6 +21,7 @@ Letters: N output features, K input features, G = K / group_size.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -30,6 +33,8 @@ import torch
 from torch import nn
 
 MODES = ("int8", "int4", "nf4")
+MIN_BITSANDBYTES = "0.50"  # tested: 0.50.2, whose NF4 runs on CPU (AVX512-BF16 kernel or dequantize + matmul) and CUDA
+NF4_BLOCK = 64  # bitsandbytes' default NF4 block (one absmax per 64 weights)
 INT4_GROUP_SIZES = (128, 64, 32)  # the CPU kernel accepts 32..256; the largest that divides K is used
 LANGUAGE_LINEAR = re.compile(r"language\.model\.layers\.\d+\.(self_attn\.(?!kv_b_proj)\w+|mlp\.(experts\.\d+\.|shared_experts\.)?\w+_proj)$")
 VISION_LINEAR = re.compile(r"(vision\.blocks\.\d+\.(attn|mlp)\.\w+|projector\.layers\.\d+)$")
@@ -162,12 +167,28 @@ def int4_layout(n: int, k: int, device: str) -> torch.Tensor:
 
 
 def nf4_linear(linear_shape: tuple[int, int], bias: bool, dtype: torch.dtype):
+    """bitsandbytes' Linear4bit (NF4, blocks of 64, double-quantized scales: QLoRA's format), still on meta."""
+    bnb = import_bitsandbytes()
+    n, k = linear_shape
+    layer = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=dtype, quant_type="nf4", device="meta")
+    # Its AVX512-BF16 CPU kernel repacks the weight on the first no-grad call and takes only N % 32 == 0;
+    # other shapes use bitsandbytes' dequantize-and-matmul path.
+    layer.support_avx512bf16_for_cpu &= n % 32 == 0
+    return layer
+
+
+def import_bitsandbytes():
     try:
         import bitsandbytes as bnb
     except ImportError as error:
-        raise ImportError("--quantize nf4 needs bitsandbytes: pip install bitsandbytes (and a CUDA GPU)") from error
-    n, k = linear_shape
-    return bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=dtype, quant_type="nf4", device="meta")
+        raise ImportError(f"--quantize nf4 needs bitsandbytes>={MIN_BITSANDBYTES}: pip install -U bitsandbytes") from error
+    version = tuple(int(part) for part in re.findall(r"\d+", bnb.__version__)[:2])
+    if version < tuple(int(part) for part in MIN_BITSANDBYTES.split(".")):
+        raise ImportError(
+            f"--quantize nf4 needs bitsandbytes>={MIN_BITSANDBYTES} (its CPU kernels and 4-bit serialization), "
+            f"found {bnb.__version__}: pip install -U bitsandbytes"
+        )
+    return bnb
 
 
 def default_kept_modules(quantization_config) -> None:
@@ -183,11 +204,10 @@ def is_quantized_target(name: str, quantize_vision: bool) -> bool:
 def check_mode(mode: str, device: torch.device) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown quantize mode {mode!r}; use one of {', '.join(MODES)}")
-    if mode == "nf4" and device.type != "cuda":
-        raise ValueError(
-            "nf4 (bitsandbytes) runs on CUDA GPUs only; on this device use quantize='int8' or 'int4' "
-            "(--quantize int8|int4), which have CPU kernels"
-        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"quantize={mode!r} has kernels for CPU and CUDA only, not {device.type}; load on cpu or cuda")
+    if mode == "nf4":
+        import_bitsandbytes()
 
 
 def replace_linears(
@@ -201,6 +221,8 @@ def replace_linears(
             continue
         if mode == "int4" and (module.in_features % int4_k or module.out_features % 16):
             continue  # no int4 kernel for this shape (vision fc2: 4304 inputs): kept in the model dtype
+        if mode == "nf4" and module.in_features % NF4_BLOCK:
+            continue  # bitsandbytes 0.50.2's CPU dequantize misplaces blocks that straddle rows: kept, on any device
         n, k, bias = module.out_features, module.in_features, module.bias is not None
         if mode == "nf4":
             new = nf4_linear((n, k), bias, dtype)
@@ -262,16 +284,23 @@ def load_quantized(
     expected = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
     if saved is None:  # a full-precision checkpoint: one weight per quantized Linear, scales are computed here
         expected = {key for key in expected if not key.endswith((".weight_scale", ".weight_scale_zero"))}
-    pending_int4: dict[str, dict[str, torch.Tensor]] = {}
+    saved_nf4 = set(names) if saved is not None and quantize == "nf4" else set()
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # saved int4 / nf4 layers whose parts have not all arrived
     seen, unexpected = set(), []
     for file in checkpoint_files(folder):
         with safe_open(str(file), framework="pt", device=str(device)) as shard:
             for key in shard.keys():
+                module_name, _, state_part = key.partition(".weight.")  # NF4 state: "<linear>.weight.absmax", ...
+                if module_name in saved_nf4:
+                    pending.setdefault(module_name, {})[state_part] = shard.get_tensor(key)
+                    continue
                 if key not in expected:
                     unexpected.append(key)
                     continue
                 seen.add(key)
-                place_tensor(model, key, shard.get_tensor(key), dtype, saved is not None, pending_int4)
+                place_tensor(model, key, shard.get_tensor(key), dtype, saved is not None, pending)
+    if saved_nf4:
+        place_nf4_saved(model, pending, device)
     missing = sorted(expected - seen)
     if missing or unexpected:
         raise ValueError(
@@ -299,14 +328,49 @@ def place_tensor(model: nn.Module, key: str, tensor: torch.Tensor, dtype, prequa
                 owner.set_portable(parts.pop("weight"), parts.pop("weight_scale_zero"))
         return
     if type(owner).__name__ == "Linear4bit" and attr == "weight":
-        import bitsandbytes as bnb  # nf4: Params4bit quantizes when it moves to the GPU
-
-        owner.weight = bnb.nn.Params4bit(tensor.to(dtype).cpu(), requires_grad=False, quant_type="nf4").to(tensor.device)
+        if prequantized:  # packed NF4 bytes: they wait for their quantization state (see place_nf4_saved)
+            pending.setdefault(owner_name, {})["weight"] = tensor
+        else:  # Params4bit quantizes as it moves to a device
+            owner.weight = import_bitsandbytes().nn.Params4bit(
+                tensor.to(dtype), requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCK, module=owner
+            ).to(tensor.device)
+            keep_nf4_state(owner)
         return
     value = tensor.to(dtype) if tensor.is_floating_point() else tensor
     if isinstance(getattr(owner, attr), nn.Parameter):
         value = nn.Parameter(value, requires_grad=False)
     setattr(owner, attr, value)
+
+
+def place_nf4_saved(model: nn.Module, pending: dict[str, dict[str, torch.Tensor]], device: torch.device) -> None:
+    """Give each saved NF4 Linear its packed weight and quantization state (absmax, code, double-quant scales)."""
+    bnb = import_bitsandbytes()
+    for name, parts in pending.items():
+        owner, weight = model.get_submodule(name), parts.pop("weight", None)
+        if weight is None or not any(key.startswith("quant_state.") for key in parts):
+            raise ValueError(f"the saved NF4 layer {name} lacks its weight or quantization state: save it again")
+        owner.weight = bnb.nn.Params4bit.from_prequantized(weight, parts, device=device, module=owner)
+        keep_nf4_state(owner)
+
+
+def keep_nf4_state(layer: nn.Module) -> None:
+    """Keep the NF4 block scales as loaded, for ``state_dict``.
+
+    On AVX512-BF16 CPUs, bitsandbytes' first no-grad call repacks the weight for its kernel and turns the
+    double-quantized scales into bfloat16; its ``state_dict`` then undoes the repacking but quantizes the scales
+    anew, so a saved model would compute slightly different outputs. The kept state (1/64 byte per weight) is
+    what ``state_dict`` writes instead: the saved model reloads to the same outputs.
+    """
+    layer.loaded_quant_state = copy.deepcopy(layer.weight.quant_state)
+    layer.register_state_dict_pre_hook(restore_nf4_state)
+
+
+def restore_nf4_state(layer: nn.Module, prefix: str, keep_vars: bool) -> None:
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):  # the weight's bytes back in NF4 order
+        layer.weight.data = _convert_weight_packed_for_cpu_inverse(layer.weight.data, copy.deepcopy(layer.weight.quant_state))[0]
+        layer.weight.quant_state = layer.quant_state = copy.deepcopy(layer.loaded_quant_state)
 
 
 def quantized_bytes(model: nn.Module) -> int:

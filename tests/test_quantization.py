@@ -19,7 +19,7 @@ from torch import nn
 from golden import checkpoint, official_inputs
 from deepseek_vl.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
 from deepseek_vl.models.language import DeepseekV2MoE, DeepseekV2MLA
-from deepseek_vl.quantization import Int4Linear, Int8Linear, nf4_linear, unpack_int4
+from deepseek_vl.quantization import Int4Linear, Int8Linear, nf4_linear, place_tensor, unpack_int4
 
 CASES = ("01_single_image_grounding",)
 POSITIONS = 400  # the last positions of each prompt: image tokens and the text after them
@@ -78,8 +78,23 @@ def int8_models():
     return {v: load(checkpoint(v), quantize="int8") for v in ("tiny", "small")}
 
 
+@pytest.fixture(scope="module")
+def nf4_models(wide):
+    """bitsandbytes NF4 weights (CPU) on the golden ("tiny") or widened ("wide-tiny", "wide-small") models, loaded once."""
+    models: dict = {}
+
+    def get(name: str):
+        if name not in models:
+            models[name] = load(wide[name[5:]] if name.startswith("wide-") else checkpoint(name), quantize="nf4")
+        return models[name]
+
+    return get
+
+
 # Floors from measurements on these random-weight models (their logits are close to ties, so top-1 flips easily):
-# golden int8 0.950 / 0.973 top-1 at 1.7% / 1.3% error; wide int4 0.44 top-1 at 26% error (CPU, float32 activations).
+# golden int8 0.955 / 0.993 top-1 at 2.3% / 1.2% error; wide int4 0.41 / 0.53 top-1 at 27% / 21% error, wide nf4 Tiny
+# 0.48 at 22% (CPU, float32 activations). nf4 is measured on the wide models: the golden language layers have 16 or 32
+# inputs, which NF4's blocks of 64 do not divide, so they stay unquantized (see test_what_is_nf4).
 @pytest.mark.parametrize("variant", ["tiny", "small"])
 def test_int8_quality_on_golden_checkpoint(variant, load_model, int8_models):
     top1, error, positions = agreement(int8_models[variant], load_model(variant))
@@ -92,6 +107,12 @@ def test_int8_quality_on_golden_checkpoint(variant, load_model, int8_models):
 def test_int4_quality_on_wide_model(variant, wide):
     top1, error, positions = agreement(load(wide[variant], quantize="int4"), load(wide[variant]))
     print(f"wide {variant} int4: top-1 {top1:.4f}, relative error {error:.4f} over {positions} positions")
+    assert top1 >= 0.35 and error <= 0.35, (top1, error)
+
+
+def test_nf4_quality_on_wide_model(wide, nf4_models):
+    top1, error, positions = agreement(nf4_models("wide-tiny"), load(wide["tiny"]))
+    print(f"wide tiny nf4: top-1 {top1:.4f}, relative error {error:.4f} over {positions} positions")
     assert top1 >= 0.35 and error <= 0.35, (top1, error)
 
 
@@ -112,6 +133,35 @@ def test_what_is_quantized(int8_models):
     assert isinstance(with_vision.projector.layers[0], Int8Linear)
 
 
+def test_what_is_nf4(nf4_models):
+    import bitsandbytes as bnb
+
+    model = nf4_models("wide-small")
+    layer = model.language.model.layers[1]
+    for module in (layer.self_attn.q_proj, layer.self_attn.kv_a_proj_with_mqa, layer.self_attn.o_proj,
+                   layer.mlp.experts[0].gate_proj, layer.mlp.shared_experts.down_proj, model.language.model.layers[0].mlp.up_proj):
+        assert isinstance(module, bnb.nn.Linear4bit) and module.weight.quant_state.quant_type == "nf4"
+        assert module.weight.dtype == torch.uint8 and module.weight.numel() * 2 == module.in_features * module.out_features
+    for module in (layer.self_attn.kv_b_proj, model.language.lm_head, model.vision.blocks[0].attn.qkv, model.projector.layers[0]):
+        assert not isinstance(module, bnb.nn.Linear4bit) and module.weight.dtype == torch.float32
+    assert layer.mlp.gate.weight.dtype == torch.float32  # router untouched
+    assert len(model.quantized_modules) == sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    golden = nf4_models("tiny")  # 16 inputs: kept; the dense first layer's down_proj has 64
+    assert golden.quantized_modules == ["language.model.layers.0.mlp.down_proj"]
+
+
+def test_nf4_keeps_shapes_bitsandbytes_dequantizes_wrongly():
+    """Why layers with inputs not a multiple of 64 stay unquantized: on CPU, bitsandbytes places their blocks' scales
+    wrongly (this fails once a bitsandbytes release fixes it, and the rule in replace_linears can go)."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    torch.manual_seed(0)
+    for k, worst in ((96, 0.2), (128, 0.1)):  # NF4 loses ~9% of a normal weight
+        w = torch.randn(64, k)
+        error = ((dequantize_4bit(*quantize_4bit(w, blocksize=64, quant_type="nf4")) - w).norm() / w.norm()).item()
+        assert error > worst if k % 64 else error < worst, (k, error)
+
+
 @pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
 def test_kernels_equal_dequantized_math(kind):
     """The packed kernels compute x @ dequantize(W).T: a broken packing or scale layout fails here."""
@@ -130,11 +180,36 @@ def test_kernels_equal_dequantized_math(kind):
     torch.testing.assert_close(layer(x), x @ dequantized.T, atol=1e-4, rtol=1e-4)
 
 
-def test_fast_paths_run_on_quantized_weights(int8_models, monkeypatch):
+@pytest.mark.parametrize("shape", [(64, 256), (48, 64)])
+def test_nf4_kernel_equals_dequantized_math(shape):
+    """Both of bitsandbytes' CPU paths (the AVX512-BF16 kernel for 64 outputs where the CPU has it, dequantize + matmul
+    for 48) compute x @ dequantize(W).T, in bfloat16, the same for one row as for five."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    torch.manual_seed(0)
+    (n, k), x = shape, torch.randn(5, shape[1], dtype=torch.bfloat16)
+    layer = nf4_linear((n, k), True, torch.bfloat16)
+    w, bias = torch.randn(n, k), torch.randn(n)
+    place_tensor(layer, "weight", w, torch.bfloat16, False, {})
+    place_tensor(layer, "bias", bias, torch.bfloat16, False, {})
+    dequantized = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    assert ((dequantized - w).norm() / w.norm()).item() < 0.12  # NF4 on normal weights: ~9%
+    with torch.no_grad():
+        got, one = layer(x).float(), layer(x[:1]).float()
+    want = x.float() @ dequantized.T + bias.bfloat16().float()
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)  # bfloat16 products and sums
+    torch.testing.assert_close(one, got[:1], atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_fast_paths_run_on_quantized_weights(mode, int8_models, nf4_models, monkeypatch):
     """Grouped MoE, latent MLA decode, incremental prefilling: used as with bf16 weights, and still exact."""
-    model = int8_models["small"]
+    import bitsandbytes as bnb
+
+    model = int8_models["small"] if mode == "int8" else nf4_models("wide-small")
+    kind = Int8Linear if mode == "int8" else bnb.nn.Linear4bit
     inputs = official_inputs(CASES[0])
-    calls = {"absorbed": 0, "int8": 0}
+    calls = {"absorbed": 0, "quantized": 0}
 
     def refuse(*args):
         raise AssertionError("the reference MoE path ran")
@@ -147,9 +222,9 @@ def test_fast_paths_run_on_quantized_weights(int8_models, monkeypatch):
 
     monkeypatch.setattr(DeepseekV2MoE, "routed_reference", refuse)
     monkeypatch.setattr(DeepseekV2MLA, "absorbed_attention", count("absorbed", DeepseekV2MLA.absorbed_attention))
-    monkeypatch.setattr(Int8Linear, "forward", count("int8", Int8Linear.forward))
+    monkeypatch.setattr(kind, "forward", count("quantized", kind.forward))
     full = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert calls["absorbed"] > 0 and calls["int8"] > 0
+    assert calls["absorbed"] > 0 and calls["quantized"] > 0
     embeds, cache = model.incremental_prefilling(**inputs, chunk_size=256)
     chunked = model.generate(**inputs, inputs_embeds=embeds, past_key_values=cache, max_new_tokens=6, do_sample=False)
     assert torch.equal(full, chunked)
@@ -170,20 +245,25 @@ def test_batching_and_streaming_on_quantized_weights():
     assert "".join(pipe.chat(conversations[0], max_new_tokens=6, stream=True)) == alone[0]
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_save_and_load_without_quantizing_again(mode, wide, tmp_path, monkeypatch):
-    model = load(wide["small"], quantize=mode)
+@pytest.mark.parametrize("mode", ["int8", "int4", "nf4"])
+def test_save_and_load_without_quantizing_again(mode, wide, nf4_models, tmp_path, monkeypatch):
+    import bitsandbytes as bnb
+
+    model = nf4_models("wide-small") if mode == "nf4" else load(wide["small"], quantize=mode)
+    inputs = {"input_ids": torch.tensor([[0, 5, 9, 100, 7]])}
+    before = model(**inputs).logits  # nf4: the first call repacks the weights for the CPU kernel; saving undoes it
     model.save_pretrained(tmp_path)
     assert not list(tmp_path.glob("*.bin")) and not list(tmp_path.glob("*.pt"))
     assert json.loads((tmp_path / "config.json").read_text())["quantization"]["mode"] == mode
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as saved:
         stored = saved.get_tensor("language.model.layers.1.mlp.experts.0.up_proj.weight")
     assert stored.dtype == (torch.int8 if mode == "int8" else torch.uint8)
-    kind = Int8Linear if mode == "int8" else Int4Linear
-    monkeypatch.setattr(kind, "set_weight", lambda *args: pytest.fail("quantized again"))
+    monkeypatch.setattr(Int8Linear, "set_weight", lambda *args: pytest.fail("quantized again"))
+    monkeypatch.setattr(Int4Linear, "set_weight", lambda *args: pytest.fail("quantized again"))
+    monkeypatch.setattr(bnb.nn.Params4bit, "_quantize", lambda *args: pytest.fail("quantized again"))
     again = load(tmp_path)
-    inputs = {"input_ids": torch.tensor([[0, 5, 9, 100, 7]])}
-    assert torch.equal(again(**inputs).logits, model(**inputs).logits)
+    assert torch.equal(again(**inputs).logits, before)
+    assert torch.equal(model(**inputs).logits, before)
     if mode == "int4":
         layer = again.language.model.layers[1].mlp.experts[0].up_proj
         assert torch.equal(unpack_int4(layer.weight, layer.out_features, layer.in_features), stored)
@@ -192,12 +272,17 @@ def test_save_and_load_without_quantizing_again(mode, wide, tmp_path, monkeypatc
 
 
 def test_clear_errors(monkeypatch):
-    with pytest.raises(ValueError, match="CUDA GPUs only.*int8"):
-        load(checkpoint("tiny"), quantize="nf4")
+    import bitsandbytes as bnb
+
     with pytest.raises(ValueError, match="unknown quantize mode 'int3'"):
         load(checkpoint("tiny"), quantize="int3")
+    with pytest.raises(ValueError, match="CPU and CUDA only, not mps"):
+        load(checkpoint("tiny"), quantize="int8", device_map="mps")
+    monkeypatch.setattr(bnb, "__version__", "0.45.5")
+    with pytest.raises(ImportError, match=r"bitsandbytes>=0\.50 .*found 0\.45\.5: pip install -U bitsandbytes"):
+        load(checkpoint("tiny"), quantize="nf4")
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
-    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+    with pytest.raises(ImportError, match="pip install -U bitsandbytes"):
         nf4_linear((16, 16), False, torch.bfloat16)
 
 

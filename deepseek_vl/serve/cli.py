@@ -196,7 +196,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--quantize", default=None, choices=["int8", "int4", "nf4"], metavar="MODE",
         help="int8 or int4 weights for the language model (CPU and CUDA; half / a quarter of the bytes, faster "
-        "decoding), nf4 (CUDA, needs bitsandbytes); quantized while loading, --dtype auto becomes bfloat16",
+        "decoding), nf4 (CPU and CUDA, needs bitsandbytes; QLoRA's format); quantized while loading, --dtype auto "
+        "becomes bfloat16",
     )  # fmt: skip
 
 
