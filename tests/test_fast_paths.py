@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepseek_vl.models.language import DeepseekV2MLA, DeepseekV2MoE
+from deepseek_vl.models.language import DeepseekV2MLA, DeepseekV2MoE, linear
 from golden import assert_close, model_case, official_inputs
 
 CASE = "01_single_image_grounding"
@@ -76,3 +76,21 @@ def test_decode_runs_only_the_chosen_experts(load_model, variant: str) -> None:
             hook.remove()
     assert sorted(calls) == sorted(chosen[0].flatten().tolist())
     assert len(calls) == model.config.language_config.num_experts_per_tok
+
+
+@pytest.mark.parametrize("shape", [(1, 1280), (1, 3, 896)])
+def test_one_row_linear_split_over_threads_is_bit_identical(monkeypatch, shape: tuple[int, ...]) -> None:
+    """A one-row fp32 product runs as blocks of output rows, one per thread, and equals F.linear bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(1792, shape[-1], generator=generator)
+    x = torch.randn(*shape, generator=generator)[..., -1:, :]  # one row, an offset view as in the MoE slices
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = torch.nn.functional.linear(x, weight)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.nn.functional, "linear", None)  # the split path does not call it
+            actual = linear(x, weight)
+    finally:
+        torch.set_num_threads(threads)
+    assert actual.shape == expected.shape and torch.equal(actual, expected)
