@@ -40,6 +40,7 @@ LANGUAGE_LINEAR = re.compile(r"language\.model\.layers\.\d+\.(self_attn\.(?!kv_b
 VISION_LINEAR = re.compile(r"(vision\.blocks\.\d+\.(attn|mlp)\.\w+|projector\.layers\.\d+)$")
 # The same choice for transformers' own quantizers (TorchAoConfig, BitsAndBytesConfig) that leave it open.
 KEEP_UNQUANTIZED = ["vision", "projector", "language.lm_head", r".*\.kv_b_proj"]
+IGNORED_KEYWORDS = {"trust_remote_code", "low_cpu_mem_usage"}  # from_pretrained keywords that change nothing here
 
 
 class Int8Linear(nn.Module):
@@ -234,6 +235,24 @@ def replace_linears(
     return names
 
 
+def load_device(device_map) -> torch.device:
+    """The one device a quantized model loads onto: ``device_map`` "auto" is CUDA when there is one."""
+    if device_map is None:
+        return torch.device("cpu")
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int):
+        device_map = f"cuda:{device_map}"
+    if not isinstance(device_map, (str, torch.device)):
+        raise ValueError(
+            f"quantize= loads the model onto one device; got device_map={device_map!r}: pass 'cpu', 'cuda', 'cuda:N' or 'auto'"
+        )
+    device = torch.device(device_map)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device_map={str(device_map)!r} but torch sees no CUDA GPU; load with device_map='cpu'")
+    return device
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
@@ -252,28 +271,41 @@ def load_quantized(
     device_map: str | torch.device | None = None,
     quantize_vision: bool = False,
     attn_implementation: str | None = None,
-    **unused,
+    subfolder: str = "",
+    **hub,
 ):
     """Build on the meta device, then read one tensor at a time and quantize each targeted Linear as it arrives.
 
     Peak memory is the quantized model plus one tensor (and its fp32 copy while it is quantized): the model is
     never materialised in full precision. A folder saved from a quantized model (``config.quantization``)
-    loads its integers as they are, without quantizing again.
+    loads its integers as they are, without quantizing again. ``hub``: ``revision``, ``token``, ``cache_dir``,
+    ``local_files_only``, ``force_download``, as for ``from_pretrained`` of a Hub repo id.
     """
     from safetensors import safe_open
 
+    from .models.modeling import HUB_KEYWORDS
+
+    unknown = sorted(set(hub) - set(HUB_KEYWORDS) - IGNORED_KEYWORDS)
+    if unknown:
+        raise TypeError(
+            f"from_pretrained(quantize=...) does not take {', '.join(unknown)}; it takes dtype, device_map, "
+            f"quantize_vision, attn_implementation and the Hub keywords {', '.join(HUB_KEYWORDS)}"
+        )
     folder = Path(path)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors"]))
+        download = {key: hub[key] for key in HUB_KEYWORDS if key in hub and key != "subfolder"}
+        patterns = [f"{subfolder}/*.json", f"{subfolder}/*.safetensors"] if subfolder else ["*.json", "*.safetensors"]
+        folder = Path(snapshot_download(str(path), allow_patterns=patterns, **download))
+    folder = folder / subfolder
     config = cls.config_class.from_pretrained(folder)
     saved = getattr(config, "quantization", None)
     if saved is not None:
         if quantize not in (None, saved["mode"]):
             raise ValueError(f"{folder} holds {saved['mode']} weights; load it without quantize= or with '{saved['mode']}'")
         quantize, quantize_vision = saved["mode"], saved.get("vision", False)
-    device = torch.device(device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else "cpu")
+    device = load_device(device_map)
     check_mode(quantize, device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype) if dtype != "auto" else None

@@ -297,3 +297,50 @@ def test_transformers_torchao_config_keeps_vision_and_head():
     assert type(layer.mlp.experts[0].up_proj.weight).__name__ == "Int8Tensor"
     assert type(model.vision.blocks[0].attn.qkv.weight) is nn.Parameter
     assert type(model.language.lm_head.weight) is nn.Parameter
+
+
+def test_hub_keywords_reach_the_config_and_weight_lookups(monkeypatch, tmp_path):
+    """revision, token, ... of a Hub repo id reach the download, and the config lookup that finds a saved quantized model."""
+    import huggingface_hub
+
+    from deepseek_vl.models import modeling
+
+    calls = []
+    folder = checkpoint("tiny")
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append(("weights", repo_id, kwargs))
+        return str(folder.parent)
+
+    def cached_file(repo_id, filename, **kwargs):
+        calls.append(("config", repo_id, kwargs))
+        return str(folder / filename)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(modeling, "cached_file", cached_file)
+    hub = dict(revision="0123abc", token="hf_token", cache_dir="/cache", local_files_only=True, force_download=False)
+    model = load("org/vl2-tiny", quantize="int8", subfolder=folder.name, **hub)
+    assert isinstance(model.language.model.layers[1].mlp.experts[0].up_proj, Int8Linear)
+    [(kind, repo, kwargs)] = calls
+    assert (kind, repo, {key: kwargs[key] for key in hub}) == ("weights", "org/vl2-tiny", hub)
+    assert kwargs["allow_patterns"] == [f"{folder.name}/*.json", f"{folder.name}/*.safetensors"]
+
+    model.save_pretrained(tmp_path / "int8")  # a saved quantized repo, found by its config without quantize=
+    folder = tmp_path / "int8"
+    calls.clear()
+    again = load("org/vl2-tiny-int8", subfolder="int8", **hub)
+    assert [(kind, repo) for kind, repo, _ in calls] == [("config", "org/vl2-tiny-int8"), ("weights", "org/vl2-tiny-int8")]
+    assert calls[0][2] == {**hub, "subfolder": "int8"}
+    assert isinstance(again.language.model.layers[1].mlp.experts[0].up_proj, Int8Linear)
+    with pytest.raises(TypeError, match="does not take proxies, quantization_config"):
+        load(checkpoint("tiny"), quantize="int8", proxies={}, quantization_config=object())
+
+
+def test_device_errors():
+    """One device per quantized model, and it must exist: CUDA asked for on a machine without it is named."""
+    with pytest.raises(ValueError, match="loads the model onto one device.*'cpu', 'cuda'"):
+        load(checkpoint("tiny"), quantize="int8", device_map={"": "cpu"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU; load with device_map='cpu'"):
+            load(checkpoint("tiny"), quantize="int4", device_map="cuda")
+        assert load(checkpoint("tiny"), quantize="int8", device_map="auto").device.type == "cpu"

@@ -26,12 +26,16 @@ from .language import DeepseekV2ForCausalLM
 from .vision import MlpProjector, SiglipVisionTower
 
 
-def saved_quantization(path: str | os.PathLike) -> dict | None:
+# from_pretrained's keywords for a Hub repo id, passed on to every lookup.
+HUB_KEYWORDS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
+
+
+def saved_quantization(path: str | os.PathLike, **hub) -> dict | None:
     """The ``quantization`` entry that ``save_pretrained`` of a quantized model writes into config.json."""
-    config_file = Path(path) / "config.json"
+    config_file = Path(path) / hub.get("subfolder", "") / "config.json"
     if not config_file.is_file():
         try:
-            config_file = Path(cached_file(str(path), "config.json"))
+            config_file = Path(cached_file(str(path), "config.json", **hub))
         except OSError:
             return None  # let from_pretrained report the missing folder or repo
     return json.loads(config_file.read_text()).get("quantization")
@@ -83,7 +87,8 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
         language model while it loads, tensor by tensor; a folder saved from a quantized model loads as it is.
         """
         quantize = kwargs.pop("quantize", None)
-        if quantize is not None or saved_quantization(pretrained_model_name_or_path) is not None:
+        hub = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
+        if quantize is not None or saved_quantization(pretrained_model_name_or_path, **hub) is not None:
             from ..quantization import load_quantized
 
             return load_quantized(cls, pretrained_model_name_or_path, quantize, **kwargs)
