@@ -41,25 +41,34 @@ class DeepseekV2RMSNorm(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, with one-row fp32 products on CPU split over the threads by blocks of output rows.
+    """``F.linear``, with one-row products on CPU (a batch-1 decode step) on faster kernels of the same math.
 
-    For one row (a batch-1 decode step) torch's CPU fp32 linear runs MKL's matrix-vector kernel on one thread, which
-    reads the weight at about half the rate the machine allows (``benchmarks/micro_decode.py``). The same product as
-    one batched matmul over ``threads`` blocks of the weight's rows runs that kernel on each block, one block per
-    thread: bit-identical results (each output is the same dot product), 1.5-1.9x the read rate. With several rows
-    MKL's matrix-matrix kernel would block the sums differently per block size, so those stay as they are; bf16
-    products are threaded already.
+    fp32: torch runs MKL's matrix-vector kernel on one thread, which reads the weight at about half the rate the
+    machine allows (``benchmarks/micro_decode.py``). The same product as one batched matmul over ``threads`` blocks
+    of the weight's rows runs that kernel on each block, one block per thread: bit-identical results (each output is
+    the same dot product), 1.5-1.9x the read rate. With several rows MKL's matrix-matrix kernel would block the sums
+    differently per block size, so those stay as they are.
+
+    bf16: oneDNN's kernel reads at 10-15 GB/s where torch's own threaded matrix-vector kernel reaches 16-24; both
+    accumulate in fp32 and round once, so the outputs differ at most in the last bf16 bit (summation order).
     """
-    threads = torch.get_num_threads()
-    if (
-        threads == 1 or x.numel() != x.shape[-1] or bias is not None or x.device.type != "cpu"
-        or weight.dtype != torch.float32 or type(weight) not in (torch.Tensor, nn.Parameter)
-        or weight.shape[0] % threads or not weight.is_contiguous()
-    ):  # fmt: skip
+    if x.numel() != x.shape[-1] or bias is not None or x.device.type != "cpu" or type(weight) not in PLAIN_TENSORS:
         return F.linear(x, weight, bias)
+    if weight.dtype == torch.bfloat16 and torch.backends.mkldnn.enabled:
+        torch.backends.mkldnn.enabled = False
+        try:
+            return F.linear(x, weight)
+        finally:
+            torch.backends.mkldnn.enabled = True
+    threads = torch.get_num_threads()
+    if weight.dtype != torch.float32 or threads == 1 or weight.shape[0] % threads or not weight.is_contiguous():
+        return F.linear(x, weight)
     out, features = weight.shape
     blocks = torch.matmul(x.reshape(1, features), weight.view(threads, out // threads, features).mT)  # (threads, 1, o)
     return blocks.view(*x.shape[:-1], out)
+
+
+PLAIN_TENSORS = (torch.Tensor, nn.Parameter)  # weights of other types (quantized tensor subclasses) keep F.linear
 
 
 class Linear(nn.Linear):
