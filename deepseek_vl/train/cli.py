@@ -32,7 +32,7 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", required=True, metavar="JSONL", help="training conversations, one JSON per line")
     parser.add_argument("--eval-data", metavar="JSONL", help="held-out conversations for the eval loss")
     parser.add_argument("--output", default="out", metavar="FOLDER", help="where the adapter/model and checkpoints go")
-    parser.add_argument("--method", choices=METHODS, default="lora", help="lora (default), qlora (CUDA), full")
+    parser.add_argument("--method", choices=METHODS, default="lora", help="lora (default), qlora (NF4 base), full")
     parser.add_argument("--validate", action="store_true", help="check every row and print token statistics; no training")
     parser.add_argument(
         "--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",

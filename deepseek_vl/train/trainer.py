@@ -100,32 +100,29 @@ def load_model(config: FinetuneConfig):
     processor = DeepseekVLV2Processor.from_pretrained(folder)
     dtype = resolve_dtype(config.dtype, config.method)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if config.method == "qlora":  # deepseek_vl.quantization's nf4: bitsandbytes Linear4bit, which peft adapts
+    if config.method == "qlora":  # deepseek_vl.quantization's nf4: bitsandbytes Linear4bit (CPU or CUDA)
         check_qlora()
-        kwargs.update(quantize="nf4", device_map=f"cuda:{torch.cuda.current_device()}")
-        kwargs["dtype"] = torch.bfloat16 if dtype == torch.float32 else dtype
+        kwargs.update(quantize="nf4", device_map=str(PartialState().device))  # this process's GPU, or the CPU
     model = DeepseekVLV2ForCausalLM.from_pretrained(folder, **kwargs)
     model.config.use_cache = False
     if config.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        # peft wraps a Linear4bit with its 4-bit LoRA layer (whose merge dequantizes) only on a model marked so. Not
+        # peft's prepare_model_for_kbit_training: it would upcast the unquantized vision tower, embeddings and lm_head
+        # to float32; norms and routers already compute in float32, and Trainer's non-reentrant checkpointing needs
+        # no input gradients.
+        model.is_loaded_in_4bit = True
+        model.name_or_path = model.config._name_or_path = str(folder)  # recorded in the adapter as its base model
     if config.method == "full":
         return prepare_full(model, config.parts), processor
     return apply_lora(model, config.parts, config.lora_rank, config.lora_alpha, config.lora_dropout), processor
 
 
 def check_qlora() -> None:
-    """QLoRA's 4-bit NF4 base needs bitsandbytes on CUDA: say what to do instead of failing deep in a kernel."""
-    if not torch.cuda.is_available():
-        raise ValueError(
-            "--method qlora loads the base model in 4-bit NF4 with bitsandbytes, which needs a CUDA GPU; "
-            "on this machine use --method lora (or full)"
-        )
+    """QLoRA's 4-bit NF4 base needs bitsandbytes: say what to install instead of failing deep in the loader."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ValueError("--method qlora needs bitsandbytes: pip install bitsandbytes") from None
+        raise ValueError("--method qlora needs bitsandbytes: pip install 'deepseek-vl2[train]'") from None
 
 
 def training_arguments(config: FinetuneConfig, has_eval: bool) -> TrainingArguments:
