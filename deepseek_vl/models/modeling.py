@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
+from ..utils.loading import cast_releasing_pages, load_at_stored_dtype
 from .cache import InPlaceCache
 from .configuration import DeepseekVLV2Config
 from .language import DeepseekV2ForCausalLM
@@ -100,6 +101,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
             default_kept_modules(kwargs["quantization_config"])
         want_info = kwargs.pop("output_loading_info", False)
         kwargs["ignore_mismatched_sizes"] = True  # report mis-shaped weights below, by name, instead of a bare error
+        cast_to = load_at_stored_dtype(pretrained_model_name_or_path, kwargs)  # peak: the model, not it + the file
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         problems = {
             "missing": sorted(info.get("missing_keys", [])),
@@ -114,6 +116,8 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
                 f"its config.json:\n  " + "\n  ".join(lines) + "\nCheck that the folder is complete (all shards of "
                 "model.safetensors.index.json) and that config.json belongs to these weights."
             )
+        if cast_to is not None:
+            cast_releasing_pages(model, cast_to)
         return (model, info) if want_info else model
 
     def get_input_embeddings(self) -> nn.Embedding:
