@@ -13,7 +13,8 @@ language layers all are multiples of 64, the narrow golden checkpoints' are not)
 
 Quantized: the decoder layers' linears (attention projections, dense MLPs, shared and routed experts).
 Kept in the model dtype: the vision tower and projector (unless ``quantize_vision``), router gates (top-k
-choices are fragile), embeddings, ``lm_head``, norms, and ``kv_b_proj``, whose weight the absorbed MLA decode
+choices are fragile), embeddings, ``lm_head`` (unless ``quantize_lm_head``: it is a third of a Tiny decode step's
+bytes, so without it int8 / int4 can speed up Tiny's decoding at most 1.55x / 2.1x), norms, and ``kv_b_proj``, whose weight the absorbed MLA decode
 reads per head (0.4% of Small's parameters).
 
 Letters: N output features, K input features, G = K / group_size.
@@ -198,8 +199,12 @@ def default_kept_modules(quantization_config) -> None:
         quantization_config.modules_to_not_convert = list(KEEP_UNQUANTIZED)
 
 
-def is_quantized_target(name: str, quantize_vision: bool) -> bool:
-    return bool(LANGUAGE_LINEAR.search(name) or (quantize_vision and VISION_LINEAR.search(name)))
+def is_quantized_target(name: str, quantize_vision: bool, quantize_lm_head: bool = False) -> bool:
+    return bool(
+        LANGUAGE_LINEAR.search(name)
+        or (quantize_vision and VISION_LINEAR.search(name))
+        or (quantize_lm_head and name == "language.lm_head")
+    )
 
 
 def check_mode(mode: str, device: torch.device) -> None:
@@ -212,13 +217,18 @@ def check_mode(mode: str, device: torch.device) -> None:
 
 
 def replace_linears(
-    model: nn.Module, mode: str, dtype: torch.dtype, quantize_vision: bool, device: torch.device = torch.device("cpu")
+    model: nn.Module,
+    mode: str,
+    dtype: torch.dtype,
+    quantize_vision: bool,
+    device: torch.device | None = None,
+    quantize_lm_head: bool = False,
 ) -> list[str]:
     """Swap the targeted nn.Linear modules (still on meta) for quantized shells; returns their names."""
-    int4_k = 128 if device.type == "cuda" else 32  # tinygemm packs K in tiles of 8 x 16
+    int4_k = 128 if device is not None and device.type == "cuda" else 32  # tinygemm packs K in tiles of 8 x 16
     names = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or not is_quantized_target(name, quantize_vision):
+        if not isinstance(module, nn.Linear) or not is_quantized_target(name, quantize_vision, quantize_lm_head):
             continue
         if mode == "int4" and (module.in_features % int4_k or module.out_features % 16):
             continue  # no int4 kernel for this shape (vision fc2: 4304 inputs): kept in the model dtype
@@ -270,6 +280,7 @@ def load_quantized(
     dtype: torch.dtype | str | None = None,
     device_map: str | torch.device | None = None,
     quantize_vision: bool = False,
+    quantize_lm_head: bool = False,
     attn_implementation: str | None = None,
     subfolder: str = "",
     **hub,
@@ -289,7 +300,7 @@ def load_quantized(
     if unknown:
         raise TypeError(
             f"from_pretrained(quantize=...) does not take {', '.join(unknown)}; it takes dtype, device_map, "
-            f"quantize_vision, attn_implementation and the Hub keywords {', '.join(HUB_KEYWORDS)}"
+            f"quantize_vision, quantize_lm_head, attn_implementation and the Hub keywords {', '.join(HUB_KEYWORDS)}"
         )
     folder = Path(path)
     if not folder.is_dir():
@@ -304,7 +315,7 @@ def load_quantized(
     if saved is not None:
         if quantize not in (None, saved["mode"]):
             raise ValueError(f"{folder} holds {saved['mode']} weights; load it without quantize= or with '{saved['mode']}'")
-        quantize, quantize_vision = saved["mode"], saved.get("vision", False)
+        quantize, quantize_vision, quantize_lm_head = saved["mode"], saved.get("vision", False), saved.get("lm_head", False)
     device = load_device(device_map)
     check_mode(quantize, device)
     if isinstance(dtype, str):
@@ -312,7 +323,7 @@ def load_quantized(
     dtype = dtype or torch.bfloat16
     with torch.device("meta"):
         model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    names = replace_linears(model, quantize, dtype, quantize_vision, device)
+    names = replace_linears(model, quantize, dtype, quantize_vision, device, quantize_lm_head)
     expected = {name for name, _ in [*model.named_parameters(), *model.named_buffers()]}
     if saved is None:  # a full-precision checkpoint: one weight per quantized Linear, scales are computed here
         expected = {key for key in expected if not key.endswith((".weight_scale", ".weight_scale_zero"))}
@@ -339,7 +350,7 @@ def load_quantized(
             f"The checkpoint at {path} does not match the DeepSeek-VL2 architecture of its config.json: missing "
             f"{missing[:10]}, unexpected {sorted(unexpected)[:10]}. Check that all shards are there."
         )
-    model.config.quantization = {"mode": quantize, "vision": quantize_vision, "modules": len(names)}
+    model.config.quantization = {"mode": quantize, "vision": quantize_vision, "lm_head": quantize_lm_head, "modules": len(names)}
     model.quantized_modules = names
     return model.eval()
 

@@ -344,3 +344,16 @@ def test_device_errors():
         with pytest.raises(ValueError, match="torch sees no CUDA GPU; load with device_map='cpu'"):
             load(checkpoint("tiny"), quantize="int4", device_map="cuda")
         assert load(checkpoint("tiny"), quantize="int8", device_map="auto").device.type == "cpu"
+
+
+def test_quantize_lm_head_opt_in(load_model, tmp_path):
+    """lm_head stays in the model dtype unless asked; quantized, it keeps a quality floor and survives save/reload."""
+    model = load(checkpoint("tiny"), quantize="int8", quantize_lm_head=True)
+    assert isinstance(model.language.lm_head, Int8Linear)
+    top1, error, _ = agreement(model, load_model("tiny"))
+    print(f"golden tiny int8 + lm_head: top-1 {top1:.4f}, relative error {error:.4f}")
+    assert top1 >= 0.92 and error <= 0.035, (top1, error)
+    model.save_pretrained(tmp_path)
+    assert isinstance(load(tmp_path).language.lm_head, Int8Linear)
+    with pytest.raises(ValueError, match="quantize_lm_head=True needs quantize="):
+        load(checkpoint("tiny"), quantize_lm_head=True)

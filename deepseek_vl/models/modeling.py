@@ -84,8 +84,8 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
         """Load strictly: a missing, unexpected or mis-shaped weight is an error naming it, never a random layer.
 
-        ``quantize="int8" | "int4" | "nf4"`` (``quantize_vision=True`` for the vision linears too) quantizes the
-        language model while it loads, tensor by tensor; a folder saved from a quantized model loads as it is.
+        ``quantize="int8" | "int4" | "nf4"`` (``quantize_vision=True`` for the vision linears too,
+        ``quantize_lm_head=True`` for ``lm_head``) quantizes the language model while it loads, tensor by tensor; a folder saved from a quantized model loads as it is.
         """
         quantize = kwargs.pop("quantize", None)
         hub = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
@@ -93,8 +93,8 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
             from ..quantization import load_quantized
 
             return load_quantized(cls, pretrained_model_name_or_path, quantize, **kwargs)
-        if kwargs.pop("quantize_vision", False):
-            raise ValueError("quantize_vision=True needs quantize='int8', 'int4' or 'nf4' as well")
+        if kwargs.pop("quantize_vision", False) or kwargs.pop("quantize_lm_head", False):
+            raise ValueError("quantize_vision=True or quantize_lm_head=True needs quantize='int8', 'int4' or 'nf4' as well")
         if kwargs.get("quantization_config") is not None:  # transformers' TorchAoConfig, BitsAndBytesConfig
             from ..quantization import default_kept_modules
 
@@ -138,9 +138,10 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
         """
         embeds = self.get_input_embeddings()(input_ids)
         if images is None or images_spatial_crop is None or not bool(images_spatial_crop.any()):
-            if self.vision_in_lockstep:
+            if self.vision_in_lockstep:  # every weight an image uses, weighted 0: a (zero) gradient on each process
                 blank = embeds.new_zeros(1, 3, *self.vision.patch_embed.img_size)
-                return embeds + 0.0 * self.encode_tiles(blank).sum().to(embeds.dtype)
+                unused = self.encode_tiles(blank).sum() + self.image_newline.sum() + self.view_seperator.sum()
+                return embeds + 0.0 * unused.to(embeds.dtype)
             return embeds
         if images_seq_mask is None:
             raise ValueError("images were given without images_seq_mask: pass the processor's output unchanged")
