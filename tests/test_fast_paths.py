@@ -108,3 +108,20 @@ def test_one_row_bf16_linear_rounds_like_f_linear() -> None:
     bound = 2**-8 * exact.abs() + 1e-5  # one rounding to bf16's 8 bits of precision
     assert ((actual.double() - exact).abs() <= bound).all()
     assert ((actual.double() - onednn.double()).abs() <= 2 * bound).all()
+
+
+def test_decode_batch_linear_split_over_threads_matches_f_linear() -> None:
+    """A decode batch (B, 1, D) takes the split path too: the exact product up to fp32 summation error, as F.linear."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(896, 1280, generator=generator)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for rows in (2, 5, 8, 16):
+            x = torch.randn(rows, 2, 1280, generator=generator)[:, 1:]
+            exact = x.double() @ weight.double().T
+            bound = 1e-5 * (x.double().abs() @ weight.double().abs().T)  # fp32 summation error of 1280 terms
+            for result in (linear(x, weight), torch.nn.functional.linear(x, weight)):
+                assert result.shape == (rows, 1, 896) and ((result.double() - exact).abs() <= bound).all()
+    finally:
+        torch.set_num_threads(threads)
