@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from golden import GOLDEN, checkpoint, processor_case
 
@@ -296,8 +297,6 @@ def test_resume_continues_the_same_loss_curve(trained, tmp_path) -> None:
 def wide_tiny(folder: Path) -> Path:
     """The golden Tiny with a 128-wide language model (NF4 blocks are 64 weights; the golden model is 16 wide), the
     golden weights where the shape is unchanged (vision tower), the others random, float32, with its processor."""
-    from safetensors.torch import load_file
-
     from deepseek_vl.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
 
     config = DeepseekVLV2Config.from_pretrained(TINY)
@@ -402,40 +401,49 @@ def test_qlora_adapter_reloads_and_carries_over_to_the_full_precision_base(qlora
 # --- data parallel ----------------------------------------------------------------------------------------------
 
 
-def torchrun_worker(data: Path, output: Path, processes: int, batch: int, mode: str = "ddp") -> tuple[dict, dict]:
+def torchrun_worker(data: Path, output: Path, processes: int, batch: int, mode: str, parts: str) -> tuple[dict, dict]:
     """tests/train_ddp_worker.py under torchrun: (its result.json, the saved adapter weights)."""
     import subprocess
 
-    from safetensors.torch import load_file
-
     worker = Path(__file__).with_name("train_ddp_worker.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-               str(worker), str(data), str(output), str(batch), mode]  # fmt: skip  (--standalone: a free port)
+               str(worker), str(data), str(output), str(batch), mode, parts]  # fmt: skip  (--standalone: a free port)
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((output / "result.json").read_text()), load_file(output / "adapter_model.safetensors")
 
 
 @pytest.fixture(scope="module")
-def one_process_run(tmp_path_factory) -> tuple[Path, dict, dict]:
-    """The reference: 1 process with both rows in its batch (one text-only row, one image row: different lengths)."""
+def one_process_runs(tmp_path_factory):
+    """The references, run once per trained set: 1 process with both rows in its batch (one text-only row, one
+    image row: different lengths)."""
     folder = tmp_path_factory.mktemp("one_process")
     data = write_jsonl(folder / "train.jsonl", TRAIN_ROWS[:2])
-    return data, *torchrun_worker(data, folder / "run", processes=1, batch=2)
+    runs = {}
+
+    def run(parts: str):
+        if parts not in runs:
+            runs[parts] = torchrun_worker(data, folder / parts, processes=1, batch=2, mode="ddp", parts=parts)
+        return data, *runs[parts]
+
+    return run
 
 
-@pytest.mark.slow  # torchrun launches: about 90 s on 2 cores for both
+@pytest.mark.slow  # torchrun launches: about 3 min on 2 cores for all four
+@pytest.mark.parametrize("parts", ["language", "vision"])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_process_gloo_run_equals_one_process_on_the_same_global_batch(one_process_run, mode, tmp_path) -> None:
+def test_two_process_gloo_run_equals_one_process_on_the_same_global_batch(one_process_runs, mode, parts, tmp_path):
     """torchrun, 2 CPU processes on gloo with 1 row each == 1 process with both rows: losses and updated weights.
 
     The two rows differ in length (one has an image), so this also checks that the loss is normalised by the
     global label-token count and that the balance loss ignores the padding of the single-process batch. FSDP (the
     `finetune --fsdp` configuration) shards every decoder layer and vision block; the process with the text-only
-    row still runs the vision blocks in step with the other (their weights are gathered collectively).
+    row still runs the vision blocks in step with the other (their weights are gathered collectively). `vision`
+    also trains the vision tower (LoRA) and the projector (fully): then the text-only process's vision and
+    projector gradients (zero) join the reduction, under DDP as under FSDP.
     """
-    data, one, weights_one = one_process_run
-    two, weights_two = torchrun_worker(data, tmp_path / mode, processes=2, batch=1, mode=mode)
+    data, one, weights_one = one_process_runs(parts)
+    two, weights_two = torchrun_worker(data, tmp_path / mode, processes=2, batch=1, mode=mode, parts=parts)
     assert one["world"] == 1 and two["world"] == 2 and len(one["losses"]) == 3
     if mode == "fsdp":
         config = json.loads((TINY / "config.json").read_text())
@@ -447,7 +455,14 @@ def test_two_process_gloo_run_equals_one_process_on_the_same_global_batch(one_pr
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
     assert one["losses"][-1] < one["losses"][0]
     assert weights_one.keys() == weights_two.keys()
-    assert max(v.abs().max() for k, v in weights_one.items() if "lora_B" in k) > 1e-3  # the update is not nothing
+    moved = {k: float(v.abs().max()) for k, v in weights_one.items() if "lora_B" in k}  # lora_B starts at 0
+    assert max(moved.values()) > 1e-3  # the update is not nothing
+    if parts == "vision":
+        assert max(v for k, v in moved.items() if ".vision." in k) > 1e-3
+        base = load_file(TINY / "model.safetensors")
+        projector = {k.removeprefix("base_model.model."): v for k, v in weights_one.items() if ".projector." in k}
+        assert projector.keys() == {k for k in base if k.startswith("projector.")}
+        assert all(not torch.equal(v, base[k].float()) for k, v in projector.items())
     for name, value in weights_one.items():
         torch.testing.assert_close(weights_two[name], value, atol=1e-5, rtol=1e-4, msg=name)
 

@@ -1,7 +1,9 @@
-"""One LoRA fine-tuning run for the data-parallel tests: `torchrun --nproc-per-node N tests/train_ddp_worker.py DATA OUT B [fsdp]`.
+"""One LoRA fine-tuning run for the data-parallel tests: `torchrun --nproc-per-node N tests/train_ddp_worker.py DATA OUT B MODE [vision]`.
 
-B is the per-process batch; `fsdp` shards the model with the `finetune --fsdp` configuration (else DDP). The rank-0 process writes OUT/result.json (losses) and the adapter to OUT. Plain SGD:
-Adam's first steps are sign(gradient), which turns float32 rounding noise in near-zero gradients into full steps.
+B is the per-process batch; MODE `fsdp` shards the model with the `finetune --fsdp` configuration, `ddp` does not;
+`vision` also trains the vision tower (LoRA, `--lora-vision`) and the projector (fully, `--train-projector`). The
+rank-0 process writes OUT/result.json (losses) and the adapter to OUT. Plain SGD: Adam's first steps are
+sign(gradient), which turns float32 rounding noise in near-zero gradients into full steps.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from golden import checkpoint  # noqa: E402
 
 from deepseek_vl.train.data import read_jsonl  # noqa: E402
+from deepseek_vl.train.lora import TrainableParts  # noqa: E402
 from deepseek_vl.train.trainer import FinetuneConfig, build_trainer, load_model  # noqa: E402
 
 torch.set_num_threads(1)
 data, output, batch = read_jsonl(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-fsdp = sys.argv[4:] == ["fsdp"]  # else "ddp" (or nothing)
+fsdp, vision = sys.argv[4] == "fsdp", sys.argv[5:] == ["vision"]
 config = FinetuneConfig(model=str(checkpoint("tiny")), output=str(output), max_steps=3, batch_size=batch,
-                        learning_rate=0.05, optimizer="sgd", logging_steps=1, save_steps=100, warmup_ratio=0.0, lora_dropout=0.0, fsdp=fsdp)
+                        learning_rate=0.05, optimizer="sgd", logging_steps=1, save_steps=100, warmup_ratio=0.0, lora_dropout=0.0, fsdp=fsdp,
+                        parts=TrainableParts(lora_vision=vision, train_projector=vision))
 model, processor = load_model(config)
 trainer = build_trainer(config, model, processor, data, None)
 trainer.train()

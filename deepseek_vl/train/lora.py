@@ -30,7 +30,7 @@ class TrainableParts:
     train_router: bool = False  # the MoE routers (mlp.gate.weight), fully
     lora_vision: bool = False  # LoRA on the vision tower's blocks
     train_vision: bool = False  # the vision tower, fully
-    train_projector: bool = False  # the projector, image_newline and view_seperator, fully
+    train_projector: bool = False  # the projector, fully (full fine-tuning: image_newline and view_seperator too)
 
 
 def lora_target_regex(parts: TrainableParts) -> str:
@@ -68,9 +68,6 @@ def apply_lora(model: nn.Module, parts: TrainableParts, rank: int = 16, alpha: i
         modules_to_save=fully_trained_modules(parts) or None,
     )
     model = get_peft_model(model, config)
-    if parts.train_projector:  # parameters directly on the VL model, not in a module peft can wrap
-        for name in ("image_newline", "view_seperator"):
-            model.base_model.model.get_parameter(name).requires_grad_(True)
     freeze_never_trained(model)
     return model
 

@@ -166,11 +166,15 @@ def training_arguments(config: FinetuneConfig, has_eval: bool) -> TrainingArgume
 
 
 class FinetuneTrainer(Trainer):
-    """Trainer whose FSDP also runs on CPU processes (gloo).
+    """Trainer whose FSDP also runs on CPU processes (gloo), and whose processes all run the vision tower each step.
 
     accelerate 1.16 only switches to FSDP for accelerator devices (AcceleratorState: the ``fsdp_plugin`` is taken in
     the MULTI_GPU/NPU/XPU/... branch); on MULTI_CPU it drops the plugin and silently wraps the model in DDP instead.
     torch's FSDP2 ``fully_shard`` itself works on CPU with gloo, so the state is switched to FSDP here.
+
+    A process whose batch has no image would skip the vision tower, while the others run it: sharded vision blocks
+    gather their weights collectively (FSDP), and trained vision or projector weights reduce their gradients
+    collectively (DDP), so either would wait for ever. Then every process runs it (``vision_in_lockstep``).
     """
 
     def create_accelerator_and_postprocess(self) -> None:
@@ -182,8 +186,10 @@ class FinetuneTrainer(Trainer):
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
             self.is_fsdp_enabled = True
-        if self.is_fsdp_enabled:
-            unwrapped = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        unwrapped = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        trains_vision = any(p.requires_grad for name, p in unwrapped.named_parameters()
+                            if name.startswith(("vision.", "projector.")))  # fmt: skip
+        if self.is_fsdp_enabled or (self.args.world_size > 1 and trains_vision):
             unwrapped.vision_in_lockstep = True
 
 
