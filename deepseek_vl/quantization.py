@@ -56,10 +56,14 @@ class Int8Linear(nn.Module):
 
     @torch.no_grad()
     def set_weight(self, w: torch.Tensor) -> None:
-        w = w.to(torch.float32, copy=True)  # the one temporary: the steps below work in place on it
-        scale = torch.linalg.vector_norm(w, float("inf"), dim=1).clamp(min=1e-12) / 127  # (N,)
-        self.weight = w.div_(scale[:, None]).round_().clamp_(-128, 127).to(torch.int8)
-        self.weight_scale = scale.to(self.weight_scale.dtype)
+        weight = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scale = torch.empty(w.shape[0], dtype=self.weight_scale.dtype, device=w.device)
+        for rows in row_chunks(*w.shape):  # bounded float32 temporaries, whatever the size (lm_head: 129280 rows)
+            part = w[rows].to(torch.float32, copy=True)  # the steps below work in place on it
+            part_scale = torch.linalg.vector_norm(part, float("inf"), dim=1).clamp(min=1e-12) / 127  # (rows,)
+            weight[rows] = part.div_(part_scale[:, None]).round_().clamp_(-128, 127).to(torch.int8)
+            scale[rows] = part_scale.to(scale.dtype)
+        self.weight, self.weight_scale = weight, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
@@ -90,13 +94,18 @@ class Int4Linear(nn.Module):
     @torch.no_grad()
     def set_weight(self, w: torch.Tensor) -> None:
         n, k = w.shape
-        groups = w.float().view(n, k // self.group_size, self.group_size)
-        low, high = groups.amin(-1), groups.amax(-1)
-        scale = ((high - low) / 15).clamp(min=1e-12)  # (N, G)
-        q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).view(n, k).to(torch.int32)
-        self.weight = pack_int4(q)
-        zero = low + 8 * scale
-        self.weight_scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(self.weight_scale_zero.dtype)
+        # The CPU packing is separable by blocks of 64 rows, so large weights are quantized and packed in row chunks.
+        chunks = [slice(0, n)] if w.is_cuda or n % 64 else row_chunks(n, k, multiple=64)
+        packed, scale_zero = [], []
+        for rows in chunks:
+            groups = w[rows].float().view(-1, k // self.group_size, self.group_size)
+            low, high = groups.amin(-1), groups.amax(-1)
+            scale = ((high - low) / 15).clamp(min=1e-12)  # (rows, G)
+            q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15).view(-1, k).to(torch.int32)
+            packed.append(pack_int4(q))
+            scale_zero.append(torch.stack([scale, low + 8 * scale], -1).to(self.weight_scale_zero.dtype))
+        self.weight = torch.cat(packed)
+        self.weight_scale_zero = torch.cat(scale_zero).transpose(0, 1).contiguous()
 
     def set_portable(self, plain: torch.Tensor, scale_zero: torch.Tensor) -> None:
         self.weight = pack_int4(unpack_plain(plain).to(torch.int32))
@@ -125,6 +134,12 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}"
+
+
+def row_chunks(n: int, k: int, multiple: int = 1, elements: int = 2**24) -> list[slice]:
+    """Row slices of about ``elements`` weights each (a multiple of ``multiple`` rows) covering n rows."""
+    rows = max(multiple, elements // k // multiple * multiple)
+    return [slice(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
 def int4_group_size(in_features: int) -> int:
