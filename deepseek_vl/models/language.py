@@ -41,30 +41,22 @@ class DeepseekV2RMSNorm(nn.Module):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, with one-row products and decode batches on CPU on faster kernels of the same math.
+    """``F.linear``, with fp32 one-row products and decode batches on CPU split over the threads, same math.
 
-    fp32: for one row torch runs MKL's matrix-vector kernel on one thread, and for a few rows a matrix-matrix kernel
+    For one row torch runs MKL's matrix-vector kernel on one thread, and for a few rows a matrix-matrix kernel
     that blocks poorly; both read the weight at a third to half the rate the machine allows
     (``benchmarks/micro_decode.py``). The same product as one batched matmul over ``threads`` blocks of the weight's
     rows runs one block per thread, at 1.3-1.9x the read rate. For one row the result is bit-identical (each output
     is the same dot product). For several rows MKL may block the sums differently per block size, so the split is
     used only for decode steps of up to ``SPLIT_MAX_ROWS`` rows, (B, 1, D), whose outputs may differ by fp32
     rounding (summation order) from ``F.linear``; prompts and expert slices of several rows keep ``F.linear``, so
-    a prompt's logits do not depend on how many of its positions are projected.
-
-    bf16, one row: oneDNN's kernel reads at 10-15 GB/s where torch's own threaded matrix-vector kernel reaches
-    16-24; both accumulate in fp32 and round once, so outputs differ at most in the last bf16 bit.
+    a prompt's logits do not depend on how many of its positions are projected. bf16 products go to oneDNN, threaded
+    already (torch's own faster bf16 matrix-vector kernel is reachable only by switching oneDNN off process-wide).
     """
     rows = x.numel() // max(x.shape[-1], 1)
     decode_batch = x.dim() == 3 and x.shape[1] == 1 and rows <= SPLIT_MAX_ROWS  # (B, 1, D): one new token per row
     if (rows != 1 and not decode_batch) or bias is not None or x.device.type != "cpu" or type(weight) not in PLAIN_TENSORS:
         return F.linear(x, weight, bias)
-    if weight.dtype == torch.bfloat16 and rows == 1 and torch.backends.mkldnn.enabled:
-        torch.backends.mkldnn.enabled = False
-        try:
-            return F.linear(x, weight)
-        finally:
-            torch.backends.mkldnn.enabled = True
     threads = torch.get_num_threads()
     if weight.dtype != torch.float32 or threads == 1 or weight.shape[0] % threads or not weight.is_contiguous():
         return F.linear(x, weight)
