@@ -55,7 +55,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     rows = x.numel() // max(x.shape[-1], 1)
     decode_batch = x.dim() == 3 and x.shape[1] == 1 and rows <= SPLIT_MAX_ROWS  # (B, 1, D): one new token per row
-    if (rows != 1 and not decode_batch) or bias is not None or x.device.type != "cpu" or type(weight) not in PLAIN_TENSORS:
+    plain = bias is None and x.device.type == "cpu" and type(weight) in PLAIN_TENSORS
+    if not plain or (rows != 1 and not decode_batch):
         return F.linear(x, weight, bias)
     threads = torch.get_num_threads()
     if weight.dtype != torch.float32 or threads == 1 or weight.shape[0] % threads or not weight.is_contiguous():
