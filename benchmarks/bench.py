@@ -9,7 +9,7 @@ step only reads, so it cannot be faster than (weight bytes it reads + cache byte
 rate measured here with a large sum (the copy rate is printed too, for comparison with older figures).
 Weight bytes count the dense weights, the LM head and the distinct routed experts the step's tokens chose.
 With --reference, every decode figure is measured side by side with the reference paths (eager attention,
-DeepseekV2MoE.reference, transformers' DynamicCache), alternating runs, medians.
+DeepseekV2MoE.reference, transformers' DynamicCache, plain F.linear products), alternating runs, medians.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from transformers import DynamicCache
 
 from deepseek_vl.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+from deepseek_vl.models import language as language_module
 from deepseek_vl.models.cache import InPlaceCache
 from deepseek_vl.models.language import DeepseekV2MoE
 from deepseek_vl.utils.io import load_image
@@ -52,6 +53,11 @@ PRESETS = {
 
 
 START = time.perf_counter()
+fast_linear = language_module.linear
+
+
+def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def log(message: str) -> None:
@@ -280,7 +286,9 @@ def side_by_side(model, bandwidth: dict, rounds: int, **decode_args) -> dict:
 
 
 def with_reference_paths(model, enabled: bool) -> None:
-    """Switch to the straightforward paths: eager (absorbed) attention math and the per-expert mask loop."""
+    """Switch to the straightforward paths: eager (absorbed) attention math, the per-expert mask loop and plain
+    ``F.linear`` products (not split over the threads)."""
+    language_module.linear = reference_linear if enabled else fast_linear
     model.language.config._attn_implementation = "eager" if enabled else "sdpa"
     for module in model.modules():
         if isinstance(module, DeepseekV2MoE):
