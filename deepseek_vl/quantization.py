@@ -360,6 +360,13 @@ def load_quantized(
     if saved_nf4:
         place_nf4_saved(model, pending, device)
     missing = sorted(expected - seen)
+    unkernelled = sorted(key for key in unexpected if key.endswith(".weight_scale_zero"))
+    if saved is not None and device.type == "cuda" and unkernelled:
+        raise ValueError(
+            f"{path} holds int4 layers saved on CPU that CUDA's int4 kernel cannot run (inputs not a multiple of 128: "
+            f"{', '.join(k.rpartition('.')[0] for k in unkernelled[:3])}): load it on CPU, or quantize the bf16 "
+            "checkpoint on the GPU (quantize='int4' with device_map='cuda')"
+        )
     if missing or unexpected:
         raise ValueError(
             f"The checkpoint at {path} does not match the DeepSeek-VL2 architecture of its config.json: missing "

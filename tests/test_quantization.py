@@ -357,3 +357,21 @@ def test_quantize_lm_head_opt_in(load_model, tmp_path):
     assert isinstance(load(tmp_path).language.lm_head, Int8Linear)
     with pytest.raises(ValueError, match="quantize_lm_head=True needs quantize="):
         load(checkpoint("tiny"), quantize_lm_head=True)
+
+
+def test_cpu_int4_checkpoint_on_cuda_is_a_clear_error(wide, tmp_path, monkeypatch):
+    """CPU's int4 kernel takes inputs in multiples of 32, CUDA's in multiples of 128: such layers saved on CPU are
+    named, with the fix, when loaded for CUDA (simulated: the device type is what decides which layers are int4)."""
+    import deepseek_vl.quantization as quantization
+
+    load(wide["small"], quantize="int4").save_pretrained(tmp_path)
+
+    class CudaOnPaper:  # CUDA to replace_linears and the checks, the CPU to safetensors
+        type = "cuda"
+
+        def __str__(self) -> str:
+            return "cpu"
+
+    monkeypatch.setattr(quantization, "load_device", lambda device_map: CudaOnPaper())
+    with pytest.raises(ValueError, match=r"int4 layers saved on CPU that CUDA's int4 kernel cannot run .*load it on CPU"):
+        load(tmp_path)
