@@ -14,8 +14,8 @@ language layers all are multiples of 64, the narrow golden checkpoints' are not)
 Quantized: the decoder layers' linears (attention projections, dense MLPs, shared and routed experts).
 Kept in the model dtype: the vision tower and projector (unless ``quantize_vision``), router gates (top-k
 choices are fragile), embeddings, ``lm_head`` (unless ``quantize_lm_head``: it is a third of a Tiny decode step's
-bytes, so without it int8 / int4 can speed up Tiny's decoding at most 1.55x / 2.1x), norms, and ``kv_b_proj``, whose weight the absorbed MLA decode
-reads per head (0.4% of Small's parameters).
+bytes, so without it int8 / int4 can speed up Tiny's decoding at most 1.55x / 2.1x), norms, and ``kv_b_proj``, whose
+weight the absorbed MLA decode reads per head (0.4% of Small's parameters).
 
 Letters: N output features, K input features, G = K / group_size.
 """
