@@ -10,19 +10,24 @@ Greedy fp32 tokens must be identical (asserted).
 Setting up the official side (once, outside this repository; the official code runs unmodified):
 
     python3 -m venv /work/official/.venv
-    /work/official/.venv/bin/pip install torch==2.14.1 transformers==4.38.2 timm accelerate sentencepiece \
-        attrdict einops "pillow>=13"
-    # copy the official repository's deepseek_vl2/ package to /work/official/, put /work/official on the
-    # venv's path (a .pth file), and give it an `xformers` that maps memory_efficient_attention to
-    # torch's SDPA (the SigLIP tower imports it; xformers has no CPU build): /work/official/shim/.
+    /work/official/.venv/bin/pip install torch==2.14.1 transformers==4.38.2 timm accelerate
+    /work/official/.venv/bin/pip install sentencepiece attrdict einops "pillow>=13"
+    # copy the official repository's deepseek_vl2/ package to /work/official/ and put /work/official on the
+    # venv's path (a .pth file in its site-packages). The SigLIP tower imports xformers, which has no CPU
+    # build: a folder on the path with xformers/__init__.py (empty) and xformers/ops.py holding
+    #     def memory_efficient_attention(q, k, v, attn_bias=None, p=0.0, scale=None):  # (B, N, H, D)
+    #         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    #         return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=scale).transpose(1, 2)
+    # is the same math (/work/official/shim/ here). Check: the official code then gives the greedy tokens of
+    # the vl2-tiny-random grounding golden.
 
 Run (each part fits a few minutes on 2 cores; take the heavy-job lock around each):
 
-    flock /tmp/heavy.lock python benchmarks/bench_official.py --only load
-    flock /tmp/heavy.lock python benchmarks/bench_official.py --only image      # tokens, first token, vision, decode
-    flock /tmp/heavy.lock python benchmarks/bench_official.py --only bf16       # image prompt in bf16
-    flock /tmp/heavy.lock python benchmarks/bench_official.py --only batch      # text prompt, batch 1 and 8
-    flock /tmp/heavy.lock python benchmarks/bench_official.py --only small      # Small, 100 / 4,000 of context
+    flock /tmp/heavy.lock python benchmarks/bench_official.py --only load   # ~2.5 min: from_pretrained, peaks
+    flock /tmp/heavy.lock python benchmarks/bench_official.py --only image  # ~3 min: tokens, first token, decode
+    flock /tmp/heavy.lock python benchmarks/bench_official.py --only bf16   # ~2 min: the image prompt in bf16
+    flock /tmp/heavy.lock python benchmarks/bench_official.py --only batch  # ~5 min: text prompt, batch 1 and 8
+    flock /tmp/heavy.lock python benchmarks/bench_official.py --only small  # ~6 min: Small, 100 / 4,000 context
     python benchmarks/bench_official.py --table --record     # the table of every part measured so far
 
 Results accumulate in benchmarks/results/official-side-by-side.json (one entry per part, each with its
