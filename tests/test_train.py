@@ -429,9 +429,9 @@ def one_process_runs(tmp_path_factory):
     return run
 
 
-@pytest.mark.slow  # torchrun launches: about 3 min on 2 cores for all four
-@pytest.mark.parametrize("parts", ["language", "vision"])
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.slow  # torchrun launches: about 2 min on 2 cores for all five
+@pytest.mark.parametrize(("mode", "parts"), [("ddp", "language"), ("ddp", "vision"), ("fsdp", "language"),
+                                             ("fsdp", "vision"), ("zero2", "language")])  # fmt: skip
 def test_two_process_gloo_run_equals_one_process_on_the_same_global_batch(one_process_runs, mode, parts, tmp_path):
     """torchrun, 2 CPU processes on gloo with 1 row each == 1 process with both rows: losses and updated weights.
 
@@ -440,8 +440,11 @@ def test_two_process_gloo_run_equals_one_process_on_the_same_global_batch(one_pr
     `finetune --fsdp` configuration) shards every decoder layer and vision block; the process with the text-only
     row still runs the vision blocks in step with the other (their weights are gathered collectively). `vision`
     also trains the vision tower (LoRA) and the projector (fully): then the text-only process's vision and
-    projector gradients (zero) join the reduction, under DDP as under FSDP.
+    projector gradients (zero) join the reduction, under DDP as under FSDP. `zero2` is DeepSpeed ZeRO-2 (optimizer
+    state and gradients partitioned) on its CPU accelerator, whose collectives are gloo's.
     """
+    if mode == "zero2":
+        pytest.importorskip("deepspeed")
     data, one, weights_one = one_process_runs(parts)
     two, weights_two = torchrun_worker(data, tmp_path / mode, processes=2, batch=1, mode=mode, parts=parts)
     assert one["world"] == 1 and two["world"] == 2 and len(one["losses"]) == 3
@@ -452,6 +455,7 @@ def test_two_process_gloo_run_equals_one_process_on_the_same_global_batch(one_pr
         assert two["fsdp_units"].count("FSDPDeepseekV2DecoderLayer") == layers and two["fsdp_units"].count("FSDPBlock") == blocks
     else:
         assert two["fsdp_units"] == []
+    assert two["zero_stage"] == (2 if mode == "zero2" else None) and two["backend"] == "gloo"
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
     assert one["losses"][-1] < one["losses"][0]
     assert weights_one.keys() == weights_two.keys()
