@@ -194,6 +194,34 @@ def nf4_linear(linear_shape: tuple[int, int], bias: bool, dtype: torch.dtype):
     return layer
 
 
+def quantize_nf4(w: torch.Tensor, dtype: torch.dtype):
+    """bitsandbytes' ``quantize_4bit(w.to(dtype), blocksize=64, compress_statistics=True, quant_type="nf4")``, the same
+    bytes and state, computed in row chunks on CPU.
+
+    Its CPU quantizer makes float32 temporaries of the whole tensor (8x the NF4 bytes); NF4 blocks of 64 never cross
+    a row when in_features % 64 == 0 (the only layers quantized), so chunks quantize independently. The block scales
+    are then double-quantized once over the whole weight, as ``quantize_4bit`` does: offset = their mean, then
+    8-bit blockwise in blocks of 256.
+    """
+    functional = import_bitsandbytes().functional
+    n, k = w.shape
+    chunks = [slice(0, n)] if w.is_cuda or k % NF4_BLOCK else row_chunks(n, k)
+    packed, absmax = [], []
+    for rows in chunks:
+        part, state = functional.quantize_4bit(w[rows].to(dtype).contiguous(), blocksize=NF4_BLOCK, quant_type="nf4")
+        packed.append(part)
+        absmax.append(state.absmax)
+    # One chunk is kept as it is: a copy (torch.cat) of each layer's bytes fragments the heap, the resident peak doubles.
+    packed, absmax = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in (packed, absmax))
+    offset = absmax.mean()
+    scales, state2 = functional.quantize_blockwise(absmax - offset, blocksize=256)
+    state = functional.QuantState(
+        absmax=scales, shape=w.shape, dtype=dtype, blocksize=NF4_BLOCK, quant_type="nf4", offset=offset,
+        code=functional.get_4bit_type("nf4", device=w.device), state2=state2,
+    )
+    return packed, state
+
+
 def import_bitsandbytes():
     try:
         import bitsandbytes as bnb
@@ -395,10 +423,13 @@ def place_tensor(model: nn.Module, key: str, tensor: torch.Tensor, dtype, prequa
     if type(owner).__name__ == "Linear4bit" and attr == "weight":
         if prequantized:  # packed NF4 bytes: they wait for their quantization state (see place_nf4_saved)
             pending.setdefault(owner_name, {})["weight"] = tensor
-        else:  # Params4bit quantizes as it moves to a device
+        else:
+            packed, state = quantize_nf4(tensor, dtype)
             owner.weight = import_bitsandbytes().nn.Params4bit(
-                tensor.to(dtype), requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCK, module=owner
-            ).to(tensor.device)
+                packed, requires_grad=False, quant_state=state, blocksize=NF4_BLOCK, compress_statistics=True,
+                quant_type="nf4", module=owner, bnb_quantized=True,
+            )
+            owner.quant_state = state
             keep_nf4_state(owner)
         return
     value = tensor.to(dtype) if tensor.is_floating_point() else tensor

@@ -19,7 +19,10 @@ from torch import nn
 from golden import checkpoint, official_inputs
 from deepseek_vl.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
 from deepseek_vl.models.language import DeepseekV2MoE, DeepseekV2MLA
-from deepseek_vl.quantization import Int4Linear, Int8Linear, nf4_linear, place_tensor, unpack_int4
+from deepseek_vl import quantization
+from deepseek_vl.quantization import (
+    Int4Linear, Int8Linear, nf4_linear, place_nf4_saved, place_tensor, row_chunks, unpack_int4,
+)
 
 CASES = ("01_single_image_grounding",)
 POSITIONS = 400  # the last positions of each prompt: image tokens and the text after them
@@ -201,6 +204,42 @@ def test_nf4_kernel_equals_dequantized_math(shape):
     torch.testing.assert_close(one, got[:1], atol=0.05, rtol=0.02)
 
 
+def test_nf4_in_row_chunks_equals_bitsandbytes_whole(monkeypatch):
+    """NF4 quantized in row chunks (bounded temporaries while loading) is bitwise bitsandbytes' own whole-tensor
+    quantization: packed bytes, block scales and their double quantization, outputs; and it saves and reloads."""
+    import bitsandbytes as bnb
+
+    chunks = []
+
+    def small_chunks(n: int, k: int) -> list[slice]:
+        chunks.extend(row_chunks(n, k, elements=2**14))
+        return chunks
+
+    monkeypatch.setattr(quantization, "row_chunks", small_chunks)
+    torch.manual_seed(0)
+    (n, k), x = (320, 192), torch.randn(5, 192, dtype=torch.bfloat16)
+    w = torch.randn(n, k) * torch.rand(n, 1)  # float32 in the file, bfloat16 in the model; rows of varied scale
+    chunked = nn.ModuleDict({"layer": nf4_linear((n, k), False, torch.bfloat16)})
+    place_tensor(chunked, "layer.weight", w, torch.bfloat16, False, {})
+    assert [rows.stop - rows.start for rows in chunks] == [85, 85, 85, 65]  # 960 block scales: 4 of 256, ragged
+    whole = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    whole.weight = bnb.nn.Params4bit(w.bfloat16(), requires_grad=False, quant_type="nf4", blocksize=64, module=whole).to("cpu")
+    saved, expected = chunked["layer"].state_dict(), whole.state_dict()
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[key], expected[key]) for key in saved)
+    got, want = chunked["layer"].weight.quant_state, whole.weight.quant_state
+    for part in ["absmax", "offset", "code", "state2.absmax", "state2.code"]:
+        first, second = got, want
+        for name in part.split("."):
+            first, second = getattr(first, name), getattr(second, name)
+        assert torch.equal(first, second), part
+    with torch.no_grad():
+        assert torch.equal(chunked["layer"](x), whole(x))
+        reloaded = nn.ModuleDict({"layer": nf4_linear((n, k), False, torch.bfloat16)})
+        parts = {"weight": saved["weight"], **{key[7:]: value for key, value in saved.items() if key.startswith("weight.")}}
+        place_nf4_saved(reloaded, {"layer": parts}, torch.device("cpu"))
+        assert torch.equal(reloaded["layer"](x), whole(x))
+
+
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_fast_paths_run_on_quantized_weights(mode, int8_models, nf4_models, monkeypatch):
     """Grouped MoE, latent MLA decode, incremental prefilling: used as with bf16 weights, and still exact."""
@@ -261,6 +300,7 @@ def test_save_and_load_without_quantizing_again(mode, wide, nf4_models, tmp_path
     monkeypatch.setattr(Int8Linear, "set_weight", lambda *args: pytest.fail("quantized again"))
     monkeypatch.setattr(Int4Linear, "set_weight", lambda *args: pytest.fail("quantized again"))
     monkeypatch.setattr(bnb.nn.Params4bit, "_quantize", lambda *args: pytest.fail("quantized again"))
+    monkeypatch.setattr(quantization, "quantize_nf4", lambda *args: pytest.fail("quantized again"))
     again = load(tmp_path)
     assert torch.equal(again(**inputs).logits, before)
     assert torch.equal(model(**inputs).logits, before)
