@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
@@ -9,6 +11,11 @@ if not (GOLDEN / "checkpoints").is_dir():
     pytest.exit(f"golden data not found at {GOLDEN}: set DEEPSEEK_VL_GOLDEN to the shared/golden folder", returncode=4)
 
 torch.set_num_threads(min(torch.get_num_threads(), 2))
+
+# A suite started in the background (`pytest &`) inherits an ignored SIGINT, and so would every command it starts:
+# the Ctrl-C tests need it delivered as in a terminal (a Python handler here becomes the default in the children).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _models: dict = {}
 

@@ -96,20 +96,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _ctrl_c_as_in_a_terminal() -> None:
-    """A suite started in the background (`pytest &`) ignores SIGINT, and so would the commands it starts."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @contextmanager
 def cli(*args: str, url: str, log: Path, env: dict[str, str] | None = None) -> Iterator[None]:
     """Run `python -m deepseek_vl ARGS` until `url` answers; stop it with Ctrl-C afterwards."""
     command = [sys.executable, "-m", "deepseek_vl", *args]
     with log.open("w") as output:
-        process = subprocess.Popen(
-            command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-            preexec_fn=_ctrl_c_as_in_a_terminal,
-        )  # fmt: skip
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + 90
         while True:
