@@ -85,7 +85,8 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
         """Load strictly: a missing, unexpected or mis-shaped weight is an error naming it, never a random layer.
 
         ``quantize="int8" | "int4" | "nf4"`` (``quantize_vision=True`` for the vision linears too,
-        ``quantize_lm_head=True`` for ``lm_head``) quantizes the language model while it loads, tensor by tensor; a folder saved from a quantized model loads as it is.
+        ``quantize_lm_head=True`` for ``lm_head``) quantizes the language model while it loads, tensor by tensor;
+        a folder saved from a quantized model loads as it is.
         """
         quantize = kwargs.pop("quantize", None)
         hub = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
@@ -94,7 +95,9 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
 
             return load_quantized(cls, pretrained_model_name_or_path, quantize, **kwargs)
         if kwargs.pop("quantize_vision", False) or kwargs.pop("quantize_lm_head", False):
-            raise ValueError("quantize_vision=True or quantize_lm_head=True needs quantize='int8', 'int4' or 'nf4' as well")
+            raise ValueError(
+                "quantize_vision=True or quantize_lm_head=True needs quantize='int8', 'int4' or 'nf4' as well"
+            )
         if kwargs.get("quantization_config") is not None:  # transformers' TorchAoConfig, BitsAndBytesConfig
             from ..quantization import default_kept_modules
 
