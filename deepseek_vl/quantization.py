@@ -23,7 +23,6 @@ Letters: N output features, K input features, G = K / group_size.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import re
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .utils.loading import HUB_KEYWORDS, checkpoint_files
 
 MODES = ("int8", "int4", "nf4")
 MIN_BITSANDBYTES = "0.50"  # tested: 0.50.2, whose NF4 runs on CPU (AVX512-BF16 kernel or dequantize + matmul) and CUDA
@@ -306,15 +307,6 @@ def load_device(device_map) -> torch.device:
     return device
 
 
-def checkpoint_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (folder / "model.safetensors").exists():
-        return [folder / "model.safetensors"]
-    raise FileNotFoundError(f"no model.safetensors(.index.json) in {folder}: quantized loading reads safetensors only")
-
-
 def load_quantized(
     cls,
     path: str | os.PathLike,
@@ -336,8 +328,6 @@ def load_quantized(
     ``local_files_only``, ``force_download``, as for ``from_pretrained`` of a Hub repo id.
     """
     from safetensors import safe_open
-
-    from .models.modeling import HUB_KEYWORDS
 
     unknown = sorted(set(hub) - set(HUB_KEYWORDS) - IGNORED_KEYWORDS)
     if unknown:
@@ -373,7 +363,11 @@ def load_quantized(
     saved_nf4 = set(names) if saved is not None and quantize == "nf4" else set()
     pending: dict[str, dict[str, torch.Tensor]] = {}  # saved int4 / nf4 layers whose parts have not all arrived
     seen, unexpected = set(), []
-    for file in checkpoint_files(folder):
+    try:
+        files = checkpoint_files(folder)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}: quantized loading reads safetensors only") from None
+    for file in files:
         with safe_open(str(file), framework="pt", device=str(device)) as shard:
             for key in shard.keys():
                 module_name, _, state_part = key.partition(".weight.")  # NF4 state: "<linear>.weight.absmax", ...

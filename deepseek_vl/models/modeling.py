@@ -20,15 +20,11 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
-from ..utils.loading import cast_releasing_pages, load_at_stored_dtype
+from ..utils.loading import HUB_KEYWORDS, cast_releasing_pages, load_at_stored_dtype
 from .cache import InPlaceCache
 from .configuration import DeepseekVLV2Config
 from .language import DeepseekV2ForCausalLM
 from .vision import MlpProjector, SiglipVisionTower
-
-
-# from_pretrained's keywords for a Hub repo id, passed on to every lookup.
-HUB_KEYWORDS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
 
 
 def saved_quantization(path: str | os.PathLike, **hub) -> dict | None:

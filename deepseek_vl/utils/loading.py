@@ -20,8 +20,10 @@ import torch
 from torch import nn
 from transformers.utils import cached_file
 
-__all__ = ["cast_releasing_pages", "load_at_stored_dtype", "stored_dtype"]
+__all__ = ["HUB_KEYWORDS", "cast_releasing_pages", "checkpoint_files", "load_at_stored_dtype", "stored_dtype"]
 
+# from_pretrained's keywords for a Hub repo id, passed on to every lookup.
+HUB_KEYWORDS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _MADV_DONTNEED = 4
 
@@ -38,7 +40,7 @@ def load_at_stored_dtype(path: str | os.PathLike, kwargs: dict) -> torch.dtype |
         or any(kwargs.get(key) is not None for key in ("quantization_config", "state_dict", "gguf_file"))
     ):
         return None
-    hub = {key: kwargs[key] for key in ("revision", "token", "cache_dir", "subfolder") if key in kwargs}
+    hub = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
     stored = stored_dtype(path, **hub)
     if stored is None or stored == requested:
         return None
@@ -60,14 +62,27 @@ def stored_dtype(path: str | os.PathLike, **hub) -> torch.dtype | None:
     return floating.pop() if files and len(floating) == 1 and None not in floating else None
 
 
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a local checkpoint folder (its index's shards, else model.safetensors)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    raise FileNotFoundError(f"no model.safetensors(.index.json) in {folder}")
+
+
 def _safetensors_files(path: str | os.PathLike, subfolder: str = "", **hub) -> list[Path]:
     """The checkpoint's safetensors files, local or already in the Hub cache (nothing is downloaded here)."""
+    local = Path(path) / subfolder
+    if local.is_dir():
+        try:
+            return checkpoint_files(local)
+        except FileNotFoundError:
+            return []
     hub = {k: v for k, v in hub.items() if k in ("revision", "token", "cache_dir")}
 
     def find(name: str) -> Path | None:
-        local = Path(path) / subfolder / name
-        if local.is_file():
-            return local
         try:
             found = cached_file(str(path), name, subfolder=subfolder, local_files_only=True,
                                 _raise_exceptions_for_missing_entries=False, **hub)  # fmt: skip
