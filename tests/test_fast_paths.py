@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from deepseek_vl.models.language import DeepseekV2MLA, DeepseekV2MoE, linear
-from golden import assert_close, model_case, official_inputs
+from deepseek_vl.models.language import ONEDNN, DeepseekV2MLA, DeepseekV2MoE, linear
+from golden import assert_close, checkpoint, model_case, official_inputs
 
 CASE = "01_single_image_grounding"
 
@@ -111,3 +113,62 @@ def test_decode_batch_linear_split_over_threads_matches_f_linear() -> None:
                 assert result.shape == (rows, 1, 896) and ((result.double() - exact).abs() <= bound).all()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_one_row_bf16_decode_steps_run_on_torch_kernels_as_accurately(load_model, monkeypatch) -> None:
+    """Batch-1 bf16 decode steps on CPU run with oneDNN off (torch's matrix-vector kernel), prompts and batches with
+    it on; the switch is back afterwards, and the step's logits are as close to the fp32 model's as oneDNN's are."""
+    from deepseek_vl.models import DeepseekVLV2ForCausalLM
+
+    language = DeepseekVLV2ForCausalLM.from_pretrained(checkpoint("tiny"), dtype=torch.bfloat16).eval().language
+    reference = load_model("tiny").language  # the same bf16 weights, in fp32
+    seen: list[bool] = []
+    f_linear = torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):
+        if x.dtype == torch.bfloat16:
+            seen.append(torch.backends.mkldnn.enabled)
+        return f_linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    prompt = torch.tensor([[0, 19923, 14, 2058, 3, 128821]])
+    with torch.no_grad():
+        cache = language(input_ids=prompt, use_cache=True).cache
+        assert seen and all(seen)
+        seen.clear()
+        step = language(input_ids=prompt[:, -1:], cache=cache, use_cache=True).logits
+        assert seen and not any(seen) and torch.backends.mkldnn.enabled
+        seen.clear()
+        language(input_ids=prompt[:, -2:].T, use_cache=False)  # two rows of one token each
+        assert seen and all(seen)
+        monkeypatch.setattr(torch.nn.functional, "linear", f_linear)
+        cache = language(input_ids=prompt, use_cache=True).cache
+        hidden = language.model(input_ids=prompt[:, -1:], cache=cache, use_cache=True).last_hidden_state
+        onednn = language.lm_head(hidden).float()  # the same step, outside the switch
+        exact = reference(input_ids=torch.cat([prompt, prompt[:, -1:]], 1), use_cache=False).logits[:, -1:]
+    torch_error, onednn_error = (step - exact).abs().mean(), (onednn - exact).abs().mean()
+    assert torch_error <= 1.25 * onednn_error
+
+
+def test_onednn_switch_is_restored_by_the_last_of_concurrent_holders() -> None:
+    """Two threads inside at once: off until both have left, then the setting found (on or off) is back."""
+    for initial in (True, False):
+        torch.backends.mkldnn.enabled = initial
+        entered, first_left, states = threading.Event(), threading.Event(), []
+
+        def first() -> None:
+            with ONEDNN.off():
+                entered.set()
+                first_left.wait()
+            states.append(torch.backends.mkldnn.enabled)  # the second holder is still inside
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        entered.wait()
+        with pytest.raises(RuntimeError), ONEDNN.off():
+            first_left.set()
+            thread.join()
+            states.append(torch.backends.mkldnn.enabled)
+            raise RuntimeError("a failing step")
+        assert states == [False, False] and torch.backends.mkldnn.enabled is initial
+    torch.backends.mkldnn.enabled = True

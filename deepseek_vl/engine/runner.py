@@ -13,7 +13,7 @@ from deepseek_vl.engine.cache import SlotCache
 from deepseek_vl.engine.reuse import LRUBytes, PrefixCache, image_key
 from deepseek_vl.engine.sequence import Sequence
 from deepseek_vl.models import DeepseekVLV2ForCausalLM
-from deepseek_vl.models.language import causal_padding_mask
+from deepseek_vl.models.language import causal_padding_mask, decode_kernels
 
 __all__ = ["ModelRunner"]
 
@@ -128,7 +128,8 @@ class ModelRunner:
         if min(cached) != longest:
             keys = torch.arange(longest + 1, device=self.device)
             mask = (keys[None, :] <= lengths[:, None])[:, None, None]  # (N, 1, 1, S)
-        hidden = self._layers(x, lengths[:, None], mask)
+        with decode_kernels(x, x.dtype):
+            logits = self._logits(self._layers(x, lengths[:, None], mask))[:, -1]
         for seq in rows:
             seq.cached += 1
-        return self._logits(hidden)[:, -1]
+        return logits

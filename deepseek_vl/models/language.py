@@ -10,7 +10,9 @@ R kv_lora_rank, E routed experts, K experts per token, N = B*T tokens.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +52,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     is the same dot product). For several rows MKL may block the sums differently per block size, so the split is
     used only for decode steps of up to ``SPLIT_MAX_ROWS`` rows, (B, 1, D), whose outputs may differ by fp32
     rounding (summation order) from ``F.linear``; prompts and expert slices of several rows keep ``F.linear``, so
-    a prompt's logits do not depend on how many of its positions are projected. bf16 products go to oneDNN, threaded
-    already (torch's own faster bf16 matrix-vector kernel is reachable only by switching oneDNN off process-wide).
+    a prompt's logits do not depend on how many of its positions are projected. bf16 products go to oneDNN, or to
+    torch's own matrix-vector kernel inside ``decode_kernels``.
     """
     rows = x.numel() // max(x.shape[-1], 1)
     decode_batch = x.dim() == 3 and x.shape[1] == 1 and rows <= SPLIT_MAX_ROWS  # (B, 1, D): one new token per row
@@ -76,6 +78,54 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class OneDNNSwitch:
+    """Holds oneDNN off, process-wide, while any thread is inside ``off()``; the last one out restores the setting.
+
+    torch reaches its own bf16 matrix-vector kernel only through the process-wide ``torch.backends.mkldnn`` switch.
+    The count makes concurrent holders safe among themselves: the switch is read once when the first one enters and
+    restored when the last one leaves, never left off. Other threads' bf16 products and convolutions that run
+    meanwhile use torch's kernels too: the same results to bf16 rounding, slower for large products.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.holders = 0
+        self.saved = True
+
+    @contextlib.contextmanager
+    def off(self):
+        with self.lock:
+            if self.holders == 0:
+                self.saved = torch.backends.mkldnn.enabled
+                torch.backends.mkldnn.enabled = False
+            self.holders += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.holders -= 1
+                if self.holders == 0:
+                    torch.backends.mkldnn.enabled = self.saved
+
+
+ONEDNN = OneDNNSwitch()
+
+
+def decode_kernels(tokens: torch.Tensor, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Where to run a forward over ``tokens`` (B, T) or (B, T, D) at ``dtype``: one-row bf16 decode steps on CPU
+    on torch's own kernels.
+
+    oneDNN's one-row bf16 product reads the weight at 16-20 GB/s, torch's matrix-vector kernel at the machine's read
+    rate (30-38 GB/s; ``benchmarks/micro_decode.py``): a batch-1 bf16 decode step of Tiny takes 25 ms instead of 43.
+    Both accumulate in fp32 and round each output to bf16 once. Prompts and decode batches of several rows keep
+    oneDNN, faster there (and prompt logits stay those of the official code's kernels).
+    """
+    one_row = tokens.shape[0] == 1 and tokens.shape[1] == 1
+    if one_row and dtype == torch.bfloat16 and tokens.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return ONEDNN.off()
+    return contextlib.nullcontext()
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
@@ -195,8 +245,26 @@ def eager_attention(
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
+    if q.shape[-2] == 1 and q.device.type == "cpu" and q.dtype in LOW_PRECISION and not torch.backends.mkldnn.enabled:
+        return decode_attention(q, k, v, mask, scale)
     causal = mask is None and q.shape[-2] > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """One query per row in bf16/fp16 on CPU with oneDNN off (``decode_kernels``): the official eager math.
+
+    torch's fused low-precision CPU kernel repacks every key/value block on each call, which one query cannot
+    amortise: 1.6 ms for 1,447 cached tokens of Tiny, against 0.5 ms for these two products on torch's own kernels
+    (the values as v^T p, the layout its batched kernel runs 8x faster). With oneDNN on, the fused kernel is faster.
+    """
+    probs = masked_softmax(torch.matmul(q, k.mT) * scale, mask)  # (B, H, 1, S), contiguous
+    return torch.matmul(v.mT, probs.view(*probs.shape[:2], -1, 1)).mT  # (B, H, hd, 1) -> (B, H, 1, hd)
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class DeepseekV2MHA(nn.Module):
@@ -306,12 +374,27 @@ class DeepseekV2MLA(nn.Module):
     def absorbed_attention(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """Attention in the latent space: O(S*R) per query instead of decompressing S keys per head."""
+        """Attention in the latent space: O(S*R) per query instead of decompressing S keys per head.
+
+        All heads share the latent and the rope key, so heads fold into rows: one (H*T, R) @ (R, S) product per row
+        of the batch instead of the cache broadcast to every head (2x faster in fp32). bf16/fp16 on CPU attend in
+        fp32: torch's low-precision batched products are 15x slower than fp32 at these shapes.
+        """
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, R), (H, v, R)
         q_latent = per_head_matmul(q_nope, w_k)  # (B, H, T, R)
-        scores = (torch.matmul(q_pe, k_pe.mT) + torch.matmul(q_latent, latent.mT)) * self.scale  # (B, H, T, S)
-        return per_head_matmul(torch.matmul(masked_softmax(scores, mask), latent), w_v.mT)  # (B,H,T,R) -> (B,H,T,v)
+        b, h, t, _ = q_latent.shape
+        dtype = q_latent.dtype
+        if q_latent.device.type == "cpu" and dtype in LOW_PRECISION:
+            latent, k_pe = latent.float(), k_pe.float()
+
+        def fold(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, d) -> (B, 1, H*T, d)
+            return x.reshape(b, 1, h * t, -1).to(latent.dtype)
+
+        scores = torch.matmul(fold(q_pe), k_pe.mT) + torch.matmul(fold(q_latent), latent.mT)  # (B, 1, H*T, S)
+        probs = masked_softmax(scores.view(b, h, t, -1) * self.scale, mask)  # (B, H, T, S)
+        out = torch.matmul(probs.view(b, 1, h * t, -1), latent).view(b, h, t, -1).to(dtype)  # (B, H, T, R)
+        return per_head_matmul(out, w_v.mT)  # (B, H, T, v)
 
     def decompressed_attention(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor | None
@@ -652,23 +735,26 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """``logits_to_keep=n`` projects only the last n positions (generate asks for 1); 0 keeps all."""
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-        )
-        hidden = out.last_hidden_state
-        loss = None
-        if labels is not None:
-            loss = self.next_token_loss(hidden, labels, kwargs.get("num_items_in_batch"))
-        if logits_to_keep and labels is None:
-            hidden = hidden[:, -logits_to_keep:]
-        # Training with labels skips the (B, T, vocab) fp32 logits: only the loss is needed.
-        logits = None if self.training and labels is not None else self.lm_head(hidden).float()
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        kernels = contextlib.nullcontext() if self.training or tokens is None else decode_kernels(tokens, self.dtype)
+        with kernels:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states,
+            )
+            hidden = out.last_hidden_state
+            loss = None
+            if labels is not None:
+                loss = self.next_token_loss(hidden, labels, kwargs.get("num_items_in_batch"))
+            if logits_to_keep and labels is None:
+                hidden = hidden[:, -logits_to_keep:]
+            # Training with labels skips the (B, T, vocab) fp32 logits: only the loss is needed.
+            logits = None if self.training and labels is not None else self.lm_head(hidden).float()
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
 
     def next_token_loss(
