@@ -15,8 +15,9 @@ machine's read rate (a large ``sum``), which bounds every read-only step. Candid
   with freezing);
 - ``compiled``: ``torch.compile`` of one expert MLP (``--compile``; compiling takes minutes on 2 cores);
 - ``W @ x.T``: with several rows, the product computed as (out, in) @ (in, rows), another GEMM layout;
-- ``split``: each product as one batched matmul over ``threads`` blocks of output rows, what the model's
-  ``linear`` does for fp32 decode steps (MKL runs a one-row fp32 product on one thread).
+- ``model``: each product as a decode step of the model runs it: in fp32 one batched matmul over ``threads``
+  blocks of output rows (MKL runs a one-row fp32 product on one thread), in bf16 for one row torch's own
+  matrix-vector kernel with oneDNN off (``decode_kernels``; oneDNN's one-row bf16 product is the slower one).
 
 This shows the ceiling a decode step meets with torch's kernels on this machine.
 """
@@ -30,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from deepseek_vl.models.language import linear
+from deepseek_vl.models.language import decode_kernels, linear
 
 # (name, out, in, count per Tiny decode step with 4 layers: 1 dense + 3 MoE)
 TINY_PRODUCTS = [
@@ -101,7 +102,7 @@ def main() -> None:
     step_seconds = step_bytes = 0.0
     split_seconds = 0.0
     print(f"\n{'product':<20}{'shape':>14}{'MB':>8}{'us':>9}{'GB/s':>7}{'of read':>9}{'per step':>10}"
-          f"{'split GB/s':>12}{'of read':>9}{'W @ x.T us' if rows > 1 else '':>12}")  # fmt: skip
+          f"{'model GB/s':>12}{'of read':>9}{'W @ x.T us' if rows > 1 else '':>12}")  # fmt: skip
     for name, out, inp, count in TINY_PRODUCTS:
         weights = weight_copies(out, inp, dtype)
         x = torch.randn(rows, inp).to(dtype)
@@ -109,7 +110,8 @@ def main() -> None:
         seconds = median_seconds(cycled(weights, lambda w: F.linear(x, w)), calls)
         nbytes = out * inp * size
         step_seconds, step_bytes = step_seconds + count * seconds, step_bytes + count * nbytes
-        split = median_seconds(cycled(weights, lambda w, x=x[:, None]: linear(x, w)), calls)  # (rows, 1, in): decode
+        with decode_kernels(x[:, None], dtype):  # (rows, 1, in): a decode step
+            split = median_seconds(cycled(weights, lambda w, x=x[:, None]: linear(x, w)), calls)
         split_seconds += count * split
         transposed = median_seconds(cycled(weights, lambda w: torch.mm(w, x.T)), calls) if rows > 1 else 0
         print(f"{name:<20}{f'{out}x{inp}':>14}{nbytes / 1e6:>8.1f}{seconds * 1e6:>9.0f}{rate(nbytes, seconds):>7.1f}"
@@ -119,7 +121,7 @@ def main() -> None:
     print(f"\nsum of the step's products: {step_seconds * 1e3:.1f} ms for {step_bytes / 1e6:.0f} MB = "
           f"{rate(step_bytes, step_seconds):.1f} GB/s ({rate(step_bytes, step_seconds) / bound:.0%} of the read rate); "
           f"products alone allow {rows / step_seconds:.1f} tok/s, the read rate {rows * bound * 1e9 / step_bytes:.1f}")  # fmt: skip
-    print(f"split over the threads (the model's linear): {split_seconds * 1e3:.1f} ms = "
+    print(f"as the model's decode step runs them: {split_seconds * 1e3:.1f} ms = "
           f"{rate(step_bytes, split_seconds):.1f} GB/s ({rate(step_bytes, split_seconds) / bound:.0%} of the read rate); "
           f"products alone allow {rows / split_seconds:.1f} tok/s")  # fmt: skip
 

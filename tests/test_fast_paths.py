@@ -115,13 +115,15 @@ def test_decode_batch_linear_split_over_threads_matches_f_linear() -> None:
         torch.set_num_threads(threads)
 
 
-def test_one_row_bf16_decode_steps_run_on_torch_kernels_as_accurately(load_model, monkeypatch) -> None:
+@pytest.mark.parametrize("variant", ["tiny", "small"])  # MHA decode attention; MLA latent attention
+def test_one_row_bf16_decode_steps_run_on_torch_kernels_as_accurately(load_model, monkeypatch, variant: str) -> None:
     """Batch-1 bf16 decode steps on CPU run with oneDNN off (torch's matrix-vector kernel), prompts and batches with
-    it on; the switch is back afterwards, and the step's logits are as close to the fp32 model's as oneDNN's are."""
+    it on; the switch is back afterwards, and the step's logits are as close to the fp32 model's as those of the
+    official eager math on oneDNN."""
     from deepseek_vl.models import DeepseekVLV2ForCausalLM
 
-    language = DeepseekVLV2ForCausalLM.from_pretrained(checkpoint("tiny"), dtype=torch.bfloat16).eval().language
-    reference = load_model("tiny").language  # the same bf16 weights, in fp32
+    language = DeepseekVLV2ForCausalLM.from_pretrained(checkpoint(variant), dtype=torch.bfloat16).eval().language
+    reference = load_model(variant).language  # the same bf16 weights, in fp32
     seen: list[bool] = []
     f_linear = torch.nn.functional.linear
 
@@ -143,6 +145,7 @@ def test_one_row_bf16_decode_steps_run_on_torch_kernels_as_accurately(load_model
         assert seen and all(seen)
         monkeypatch.setattr(torch.nn.functional, "linear", f_linear)
         cache = language(input_ids=prompt, use_cache=True).cache
+        monkeypatch.setattr(language.config, "_attn_implementation", "eager")  # the official math, on oneDNN:
         hidden = language.model(input_ids=prompt[:, -1:], cache=cache, use_cache=True).last_hidden_state
         onednn = language.lm_head(hidden).float()  # the same step, outside the switch
         exact = reference(input_ids=torch.cat([prompt, prompt[:, -1:]], 1), use_cache=False).logits[:, -1:]
