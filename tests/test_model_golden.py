@@ -210,10 +210,11 @@ def test_processor_output_goes_straight_to_forward(load_model, variant: str) -> 
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_grouped_moe_equals_reference_path(load_model, variant: str) -> None:
+@pytest.mark.parametrize("rows, length", [(3, 40), (8, 1)])  # a prompt batch; a decode step of 8 rows
+def test_grouped_moe_equals_reference_path(load_model, variant: str, rows: int, length: int) -> None:
     """The grouped expert dispatch gives the straightforward per-expert path's output, also in training mode."""
     moe = load_model(variant).language.model.layers[2].mlp
-    x = torch.randn(3, 40, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    x = torch.randn(rows, length, moe.gate.weight.shape[1], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fast = moe(x)
         moe.reference = True

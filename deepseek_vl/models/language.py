@@ -514,8 +514,10 @@ class DeepseekV2MoE(nn.Module):
         if self.training and torch.is_grad_enabled():
             return self.train_forward(x, token_mask)
         idx, weight = self.gate(x)
-        routed = self.routed_reference if self.reference else self.routed
-        y = routed(x.reshape(-1, x.shape[-1]), idx, weight).view_as(x)
+        if self.reference:
+            y = self.routed_reference(x.reshape(-1, x.shape[-1]), idx, weight).view_as(x)
+        else:
+            y = self.routed(x.reshape(-1, x.shape[-1]), idx, weight, decode=x.shape[1] == 1).view_as(x)
         if hasattr(self, "shared_experts"):
             y = y + self.shared_experts(x)
         return y
@@ -528,14 +530,19 @@ class DeepseekV2MoE(nn.Module):
         counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
         return x[order // idx.shape[1]], order, counts
 
-    def routed(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Sort the N*K (token, expert) pairs by expert and run each chosen expert on one slice."""
+    def routed(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, decode: bool = False) -> torch.Tensor:
+        """Sort the N*K (token, expert) pairs by expert and run each chosen expert on one slice.
+
+        In a decode step (one new token per row) each slice goes in as (count, 1, D), a decode batch, whose
+        products ``linear`` splits over the threads like the step's other products.
+        """
         n, k = idx.shape
         tokens, order, counts = self.sort_by_expert(x, idx)
         outputs, start = [], 0
         for expert, count in zip(self.experts, counts):
             if count:
-                outputs.append(expert(tokens[start : start + count]))
+                chunk = tokens[start : start + count]
+                outputs.append(expert(chunk[:, None])[:, 0] if decode else expert(chunk))
                 start += count
         expert_out = torch.empty_like(tokens)
         expert_out[order] = torch.cat(outputs)
