@@ -408,7 +408,7 @@ def malloc_trim():
     bitsandbytes' CPU quantizer allocates and frees float32 temporaries on every call; glibc keeps the freed pages, and
     the holes between the packed weights pushed the resident peak of an nf4 load anywhere from 1.0x to 4.7x the model
     (fresh-process loads of one 3-layer Tiny checkpoint). Trimming after each quantized weight keeps it at 0.98-1.00x
-    (7 of 7 loads) for about 20% more load time; trimming every 64-256 MB read did not (up to 1.9x).
+    (8 of 8 loads) for about 20% more load time; trimming every 64-256 MB read did not (up to 1.9x).
     """
     library = ctypes.util.find_library("c")
     return getattr(ctypes.CDLL(library), "malloc_trim", None) if library else None
