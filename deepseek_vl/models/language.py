@@ -51,8 +51,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows runs one block per thread, at 1.3-1.9x the read rate. For one row the result is bit-identical (each output
     is the same dot product). For several rows MKL may block the sums differently per block size, so the split is
     used only for decode steps of up to ``SPLIT_MAX_ROWS`` rows, (B, 1, D), whose outputs may differ by fp32
-    rounding (summation order) from ``F.linear``; prompts and expert slices of several rows keep ``F.linear``, so
-    a prompt's logits do not depend on how many of its positions are projected. bf16 products go to oneDNN, or to
+    rounding (summation order) from ``F.linear``; prompts, and their expert slices, keep ``F.linear``, so a
+    prompt's logits do not depend on how many of its positions are projected. bf16 products go to oneDNN, or to
     torch's own matrix-vector kernel inside ``decode_kernels``.
     """
     rows = x.numel() // max(x.shape[-1], 1)
@@ -71,6 +71,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 SPLIT_MAX_ROWS = 16  # larger decode batches read each weight once for enough rows to use MKL's kernel well
 PLAIN_TENSORS = (torch.Tensor, nn.Parameter)  # weights of other types (quantized tensor subclasses) keep F.linear
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class Linear(nn.Linear):
@@ -262,9 +263,6 @@ def decode_attention(
     """
     probs = masked_softmax(torch.matmul(q, k.mT) * scale, mask)  # (B, H, 1, S), contiguous
     return torch.matmul(v.mT, probs.view(*probs.shape[:2], -1, 1)).mT  # (B, H, hd, 1) -> (B, H, 1, hd)
-
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class DeepseekV2MHA(nn.Module):
