@@ -15,6 +15,7 @@ DeepseekV2MoE.reference, transformers' DynamicCache, plain F.linear products), a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -53,11 +54,15 @@ PRESETS = {
 
 
 START = time.perf_counter()
-fast_linear = language_module.linear
+fast_linear, fast_kernels = language_module.linear, language_module.decode_kernels
 
 
 def reference_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def reference_kernels(tokens: torch.Tensor, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()  # oneDNN stays on for bf16 decode steps
 
 
 def log(message: str) -> None:
@@ -287,8 +292,9 @@ def side_by_side(model, bandwidth: dict, rounds: int, **decode_args) -> dict:
 
 def with_reference_paths(model, enabled: bool) -> None:
     """Switch to the straightforward paths: eager (absorbed) attention math, the per-expert mask loop and plain
-    ``F.linear`` products (not split over the threads)."""
+    ``F.linear`` products (not split over the threads; bf16 decode steps on oneDNN)."""
     language_module.linear = reference_linear if enabled else fast_linear
+    language_module.decode_kernels = reference_kernels if enabled else fast_kernels
     model.language.config._attn_implementation = "eager" if enabled else "sdpa"
     for module in model.modules():
         if isinstance(module, DeepseekV2MoE):
