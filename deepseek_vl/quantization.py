@@ -434,8 +434,8 @@ def place_tensor(model: nn.Module, key: str, tensor: torch.Tensor, dtype, prequa
             pending.setdefault(owner_name, {})["weight"] = tensor
         else:
             packed, state = quantize_nf4(tensor, dtype)
-            if tensor.device.type == "cpu" and malloc_trim() is not None:
-                malloc_trim()(0)
+            if tensor.device.type == "cpu" and (trim := malloc_trim()) is not None:
+                trim(0)
             owner.weight = import_bitsandbytes().nn.Params4bit(
                 packed, requires_grad=False, quant_state=state, blocksize=NF4_BLOCK, compress_statistics=True,
                 quant_type="nf4", module=owner, bnb_quantized=True,

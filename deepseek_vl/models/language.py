@@ -512,10 +512,11 @@ class DeepseekV2MoE(nn.Module):
         if self.training and torch.is_grad_enabled():
             return self.train_forward(x, token_mask)
         idx, weight = self.gate(x)
+        flat = x.reshape(-1, x.shape[-1])
         if self.reference:
-            y = self.routed_reference(x.reshape(-1, x.shape[-1]), idx, weight).view_as(x)
+            y = self.routed_reference(flat, idx, weight).view_as(x)
         else:
-            y = self.routed(x.reshape(-1, x.shape[-1]), idx, weight, decode=x.shape[1] == 1).view_as(x)
+            y = self.routed(flat, idx, weight, decode=x.shape[1] == 1).view_as(x)
         if hasattr(self, "shared_experts"):
             y = y + self.shared_experts(x)
         return y
