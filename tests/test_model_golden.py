@@ -233,3 +233,27 @@ def test_vision_tile_batches_do_not_change_features(load_model, monkeypatch) -> 
         monkeypatch.setattr(model, "vision_batch_size", 3)
         split = model.encode_tiles(images)
     assert_close(split, whole, atol=1e-6, rtol=1e-5, name="tile batches")
+
+
+def test_in_place_gelu_gives_the_recorded_paths_features(load_model) -> None:
+    """Without autograd the vision MLP's GELU runs in place; the features are bitwise those of the recorded path."""
+    model = load_model("tiny")
+    images = official_inputs("01_single_image_grounding")["images"][0, :3]
+    with torch.no_grad():
+        in_place = model.encode_tiles(images)
+    with torch.enable_grad():
+        recorded = model.encode_tiles(images.requires_grad_())
+    assert recorded.requires_grad
+    assert torch.equal(in_place, recorded.detach())
+
+
+def test_cpu_vision_passes_stay_under_the_reusable_block_size() -> None:
+    """The real SigLIP (729 patches, MLP 4304 wide): 1 tile per CPU pass in fp32, 2 in bf16; elsewhere all at once."""
+    from deepseek_vl.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
+
+    with torch.device("meta"):
+        model = DeepseekVLV2ForCausalLM(DeepseekVLV2Config.from_pretrained(GOLDEN / "real" / "deepseek-vl2"))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert model.tiles_per_pass(cpu, torch.float32) == 1
+    assert model.tiles_per_pass(cpu, torch.bfloat16) == 2
+    assert model.tiles_per_pass(cuda, torch.bfloat16) == model.vision_batch_size == 32

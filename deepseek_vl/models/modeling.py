@@ -26,6 +26,12 @@ from .configuration import DeepseekVLV2Config
 from .language import DeepseekV2ForCausalLM
 from .vision import MlpProjector, SiglipVisionTower
 
+# On CPU a vision pass takes as many tiles as keep its widest activation (the MLP's hidden layer) under this size.
+# glibc hands blocks above its largest reusable size (32 MiB) straight back to the system when freed, so a pass of
+# all 7 tiles of an image (88 MB per fp32 hidden layer) faults in and zeroes ~1 GB of fresh pages on every call;
+# smaller passes reuse freed memory (benchmarks/RESULTS.md, issue #14: "the page faults").
+CPU_VISION_PASS_BYTES = 16 * 2**20
+
 
 def saved_quantization(path: str | os.PathLike, **hub) -> dict | None:
     """The ``quantization`` entry that ``save_pretrained`` of a quantized model writes into config.json."""
@@ -55,7 +61,7 @@ class DeepseekVLV2PreTrainedModel(PreTrainedModel):
 class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
     """The vision-language model; ``language`` (alias ``language_model``) is the generating LM."""
 
-    # Tiles encoded per vision pass: all tiles of a batch go through together, up to this bound.
+    # Tiles encoded per vision pass at most (on CPU fewer: CPU_VISION_PASS_BYTES).
     vision_batch_size = 32
     # Set for FSDP training (deepseek_vl.train): every forward then runs the vision tower exactly once, all tiles in one
     # pass and one zero tile (weighted 0) for a text-only batch, since each sharded vision block gathers its weights
@@ -169,10 +175,18 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
         return embeds
 
     def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
-        """Vision tower + projector on (tiles, 3, H, W), ``vision_batch_size`` tiles per pass to cap memory."""
-        dtype = self.vision.patch_embed.proj.weight.dtype
-        batches = tiles.split(len(tiles) if self.vision_in_lockstep else self.vision_batch_size)
+        """Vision tower + projector on (tiles, 3, H, W), in passes of ``tiles_per_pass`` tiles."""
+        weight = self.vision.patch_embed.proj.weight
+        dtype = weight.dtype
+        batches = tiles.split(len(tiles) if self.vision_in_lockstep else self.tiles_per_pass(weight.device, dtype))
         return torch.cat([self.projector(self.vision(batch.to(dtype))) for batch in batches])
+
+    def tiles_per_pass(self, device: torch.device, dtype: torch.dtype) -> int:
+        """``vision_batch_size``; on CPU only as many as keep the widest activation under ``CPU_VISION_PASS_BYTES``."""
+        if device.type != "cpu":
+            return self.vision_batch_size
+        hidden = self.vision.patch_embed.num_patches * self.vision.blocks[0].mlp.fc1.out_features * dtype.itemsize
+        return max(1, min(self.vision_batch_size, CPU_VISION_PASS_BYTES // hidden))
 
     def tile_layout(self, features: torch.Tensor, width_tiles: int, height_tiles: int) -> torch.Tensor:
         """2D layout of one image: rows of the global view and of the local grid, each closed by a newline."""
