@@ -236,15 +236,24 @@ def test_vision_tile_batches_do_not_change_features(load_model, monkeypatch) -> 
 
 
 def test_in_place_gelu_gives_the_recorded_paths_features(load_model) -> None:
-    """Without autograd the vision MLP's GELU runs in place; the features are bitwise those of the recorded path."""
+    """Where no gradient flows the vision MLP's GELU runs in place; the features are bitwise the recorded path's."""
     model = load_model("tiny")
     images = official_inputs("01_single_image_grounding")["images"][0, :3]
     with torch.no_grad():
         in_place = model.encode_tiles(images)
+    tower = [*model.vision.parameters(), *model.projector.parameters()]
     with torch.enable_grad():
-        recorded = model.encode_tiles(images.requires_grad_())
-    assert recorded.requires_grad
-    assert torch.equal(in_place, recorded.detach())
+        recorded = model.encode_tiles(images)
+        (grad,) = torch.autograd.grad(recorded.sum(), model.vision.blocks[0].mlp.fc1.weight)
+        try:
+            for p in tower:
+                p.requires_grad_(False)
+            frozen = model.encode_tiles(images)  # a frozen tower in training: nothing to record
+        finally:
+            for p in tower:
+                p.requires_grad_(True)
+    assert recorded.requires_grad and not frozen.requires_grad and bool(grad.abs().sum() > 0)
+    assert torch.equal(in_place, frozen) and torch.equal(in_place, recorded.detach())
 
 
 def test_cpu_vision_passes_stay_under_the_reusable_block_size() -> None:

@@ -537,14 +537,12 @@ class DeepseekV2MoE(nn.Module):
         """
         n, k = idx.shape
         tokens, order, counts = self.sort_by_expert(x, idx)
-        outputs, start = [], 0
+        expert_out, start = torch.empty_like(tokens), 0
         for expert, count in zip(self.experts, counts):
             if count:
                 chunk = tokens[start : start + count]
-                outputs.append(expert(chunk[:, None])[:, 0] if decode else expert(chunk))
+                expert_out[order[start : start + count]] = expert(chunk[:, None])[:, 0] if decode else expert(chunk)
                 start += count
-        expert_out = torch.empty_like(tokens)
-        expert_out[order] = torch.cat(outputs)
         return weighted_sum(expert_out.view(n, k, -1), weight)
 
     def train_forward(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -598,8 +596,17 @@ class AddAuxiliaryLoss(torch.autograd.Function):
 
 
 def weighted_sum(expert_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(N, K, D) expert outputs combined with the (N, K) router weights in fp32, cast back (as upstream)."""
-    return (expert_out.float() * weight.unsqueeze(-1)).sum(dim=1).to(expert_out.dtype)
+    """(N, K, D) expert outputs combined with the (N, K) router weights in fp32, cast back (as upstream).
+
+    Where no gradient flows, the products are taken in place (in ``expert_out`` itself when it is fp32): the
+    (N*K, D) buffer is the largest of a prefill's MoE layer, and on CPU a fresh one is page-faulted in each time.
+    """
+    scaled = expert_out.float()
+    if scaled.requires_grad or weight.requires_grad:
+        scaled = scaled * weight.unsqueeze(-1)
+    else:
+        scaled.mul_(weight.unsqueeze(-1))
+    return scaled.sum(dim=1).to(expert_out.dtype)
 
 
 class DeepseekV2DecoderLayer(GradientCheckpointingLayer):

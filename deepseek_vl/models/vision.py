@@ -19,17 +19,18 @@ from .configuration import DeepseekVLV2ProjectorConfig, DeepseekVLV2VisionConfig
 
 
 class TanhGELU(nn.GELU):
-    """SigLIP's tanh GELU, computed in place on the MLP's hidden layer when no gradient is recorded.
+    """SigLIP's tanh GELU, computed in place on the MLP's hidden layer when no gradient flows through it.
 
-    The same kernel, so the same values; inference then allocates no second hidden-layer-sized buffer per block
-    (12.5 MB per tile in fp32), which on CPU is fresh memory the system must fault in and zero on every pass.
+    The same kernel, so the same values; inference (and a frozen tower in training) then allocates no second
+    hidden-layer-sized buffer per block (12.5 MB per tile in fp32), which on CPU is fresh memory the system must
+    fault in and zero on every pass. The input is always the MLP's fresh ``fc1`` output, read by nothing else.
     """
 
     def __init__(self) -> None:
         super().__init__(approximate="tanh")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        if x.requires_grad:
             return super().forward(x)
         return torch.ops.aten.gelu_(x, approximate="tanh")
 
