@@ -541,7 +541,8 @@ class DeepseekV2MoE(nn.Module):
         for expert, count in zip(self.experts, counts):
             if count:
                 chunk = tokens[start : start + count]
-                expert_out[order[start : start + count]] = expert(chunk[:, None])[:, 0] if decode else expert(chunk)
+                out = expert(chunk[:, None])[:, 0] if decode else expert(chunk)
+                expert_out.index_copy_(0, order[start : start + count], out)  # back to (token, choice) order
                 start += count
         return weighted_sum(expert_out.view(n, k, -1), weight)
 
