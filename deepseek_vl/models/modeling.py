@@ -185,8 +185,8 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
         """``vision_batch_size``; on CPU only as many as keep the widest activation under ``CPU_VISION_PASS_BYTES``."""
         if device.type != "cpu":
             return self.vision_batch_size
-        hidden = self.vision.patch_embed.num_patches * self.vision.blocks[0].mlp.fc1.out_features * dtype.itemsize
-        return max(1, min(self.vision_batch_size, CPU_VISION_PASS_BYTES // hidden))
+        tile_bytes = self.vision.patch_embed.num_patches * self.vision.blocks[0].mlp.fc1.out_features * dtype.itemsize
+        return max(1, min(self.vision_batch_size, CPU_VISION_PASS_BYTES // tile_bytes))
 
     def tile_layout(self, features: torch.Tensor, width_tiles: int, height_tiles: int) -> torch.Tensor:
         """2D layout of one image: rows of the global view and of the local grid, each closed by a newline."""
