@@ -13,6 +13,7 @@ the official ones, alone or in a left-padded batch.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import queue
@@ -408,6 +409,7 @@ class ChatStream:
         self._error: BaseException | None = None
         self._finished = False
         self._thread = threading.Thread(target=self._work, name="deepseek-vl2-generate", daemon=True)
+        atexit.register(self.close)  # a daemon inside a torch op at interpreter teardown aborts the process
         self._thread.start()
 
     def _work(self) -> None:
@@ -419,6 +421,7 @@ class ChatStream:
         except BaseException as error:  # re-raised in the consumer's thread by __iter__
             self._error = error
         finally:
+            atexit.unregister(self.close)
             self._pieces.put(self._DONE)
 
     def __iter__(self) -> Iterator[str]:

@@ -7,6 +7,9 @@ while requests join and leave its batch at every step, prompts are prefilled in 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 
 import jsonschema
 import pytest
@@ -200,3 +203,28 @@ def test_a_failing_step_fails_its_requests_not_the_engine(tiny: VLChat, monkeypa
         assert engine.submit([{"role": "user", "content": "Hi"}], max_new_tokens=3).wait(timeout=30).completion_tokens
     finally:
         engine.stop()
+
+
+def test_exit_with_generation_in_flight_ends_cleanly():
+    """A script may end while the engine thread and a `VLChat` stream thread (both daemons) are mid-answer:
+    the interpreter waits for the step in flight instead of aborting inside torch ("terminate called without
+    an active exception", the README's engine example failed this way one run in six), and the engine's
+    unfinished request ends with `EngineClosed`."""
+    script = textwrap.dedent(f"""
+        import threading
+        from deepseek_vl.chat import VLChat
+        from deepseek_vl.engine import Engine
+        chat = VLChat.from_pretrained({str(checkpoint("tiny"))!r})
+        for piece in chat.chat([{{"role": "user", "content": "Tell me a story."}}], max_new_tokens=500, stream=True):
+            break  # the stream keeps generating in its thread
+        engine = Engine(chat, max_rows=2)
+        engine.start()
+        first = threading.Event()
+        engine.submit([{{"role": "user", "content": "Tell me a story."}}], max_new_tokens=500,
+                      on_piece=lambda _: first.set(), on_done=lambda outcome: print(type(outcome).__name__))
+        first.wait()
+        print("exiting", flush=True)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["exiting", "EngineClosed"]

@@ -12,6 +12,7 @@ image loading and tiling) on the caller's thread; the engine thread owns the mod
 
 from __future__ import annotations
 
+import atexit
 import copy
 import queue
 import threading
@@ -174,11 +175,19 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- the loop
 
     def start(self) -> None:
+        """Run the loop in a background thread; it is stopped at interpreter exit if `stop` was not called.
+
+        The thread is a daemon so a forgotten engine never blocks exit, but a daemon still inside a torch op when
+        the interpreter tears down aborts the process ("terminate called without an active exception"), so
+        exit waits for the step in flight.
+        """
         self.thread = threading.Thread(target=self._loop, name="deepseek-vl2-engine", daemon=True)
         self.thread.start()
+        atexit.register(self.stop)
 
     def stop(self) -> None:
         """Stop after the current step; unfinished requests end with `EngineClosed`."""
+        atexit.unregister(self.stop)
         with self.cond:
             self.closed = True
             self.cond.notify_all()
