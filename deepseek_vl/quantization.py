@@ -23,8 +23,6 @@ Letters: N output features, K input features, G = K / group_size.
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
 import math
 import os
 import re
@@ -35,6 +33,7 @@ import torch
 from torch import nn
 
 from .utils.loading import HUB_KEYWORDS, checkpoint_files
+from .utils.memory import malloc_trim
 
 MODES = ("int8", "int4", "nf4")
 MIN_BITSANDBYTES = "0.50"  # tested: 0.50.2, whose NF4 runs on CPU (AVX512-BF16 kernel or dequantize + matmul) and CUDA
@@ -401,19 +400,6 @@ def load_quantized(
     return model.eval()
 
 
-@lru_cache(maxsize=1)
-def malloc_trim():
-    """glibc's ``malloc_trim`` (None elsewhere): hands the heap's free pages back to the OS.
-
-    bitsandbytes' CPU quantizer allocates and frees float32 temporaries on every call; glibc keeps the freed pages, and
-    the holes between the packed weights pushed the resident peak of an nf4 load anywhere from 1.0x to 4.7x the model
-    (fresh-process loads of one 3-layer Tiny checkpoint). Trimming after each quantized weight keeps it at 0.98-1.00x
-    (8 of 8 loads) for about 20% more load time; trimming every 64-256 MB read did not (up to 1.9x).
-    """
-    library = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(library), "malloc_trim", None) if library else None
-
-
 def place_tensor(model: nn.Module, key: str, tensor: torch.Tensor, dtype, prequantized: bool, pending: dict) -> None:
     """Put one checkpoint tensor into the meta-built model: quantize it if it is a targeted Linear's weight."""
     owner_name, _, attr = key.rpartition(".")
@@ -434,6 +420,10 @@ def place_tensor(model: nn.Module, key: str, tensor: torch.Tensor, dtype, prequa
             pending.setdefault(owner_name, {})["weight"] = tensor
         else:
             packed, state = quantize_nf4(tensor, dtype)
+            # bitsandbytes' CPU quantizer allocates and frees float32 temporaries on every call; glibc kept the freed
+            # pages in holes between the packed weights, and the resident peak of an nf4 load (fresh processes, one
+            # 3-layer Tiny checkpoint) ranged 1.0x-4.7x the model. A trim after each weight keeps it at 0.98-1.00x
+            # (8 of 8 loads) for about 20% more load time; trimming every 64-256 MB read did not (up to 1.9x).
             if tensor.device.type == "cpu" and (trim := malloc_trim()) is not None:
                 trim(0)
             owner.weight = import_bitsandbytes().nn.Params4bit(

@@ -18,11 +18,10 @@ disconnect). When the server falls idle after image work, freed memory is handed
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import threading
-from functools import cache
+
+from deepseek_vl.utils.memory import malloc_trim
 
 __all__ = ["Admission", "Overloaded", "Ticket", "release_memory"]
 
@@ -107,15 +106,6 @@ class Ticket:
 def release_memory() -> None:
     """Collect garbage and return free heap pages to the system (glibc only; elsewhere a collection)."""
     gc.collect()
-    trim = _malloc_trim()
+    trim = malloc_trim()
     if trim is not None:
         trim(0)
-
-
-@cache
-def _malloc_trim():
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
-        return None
