@@ -349,6 +349,8 @@ def build_conversation(
                 f"message {index} has {tags} {IMAGE_TAG} tags but {len(sources)} images; give one image per tag"
             )
 
+    if not any(message["role"] == USER for message in conversation):
+        raise ValueError("the messages need a user message: the model answers the last user message")
     if system_prompt:
         if conversation[0]["role"] == SYSTEM:
             raise ValueError("the messages already start with a system message; do not also pass system_prompt")

@@ -42,7 +42,7 @@ SERVE_CHOICES = {"scheduler": ("engine", "window")}
 
 SERVE_DESCRIPTION = """\
 Serve an OpenAI-compatible HTTP API: POST /v1/chat/completions (plain and streamed), GET /v1/models, GET /health.
-The model is loaded once; clients pass the served name (--model-name, else the --model value) as "model".
+The model is loaded once; clients pass the served name (--model-name, else the checkpoint folder's name or the Hub id) as "model".
 Ctrl-C stops running generations, ends open streams with an error event and exits with status 0.
 """
 DEMO_DESCRIPTION = """\
@@ -59,7 +59,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )  # fmt: skip
     add_model_arguments(parser)
     server = parser.add_argument_group("server")
-    server.add_argument("--model-name", metavar="NAME", help="the name clients pass as 'model' (default: --model)")
+    server.add_argument("--model-name", metavar="NAME", help="the name clients pass as 'model' (default: the checkpoint folder's name, or the Hub id)")
     _add_address(server, port=8000)
     server.add_argument(
         "--api-key", metavar="KEY", default=os.environ.get(API_KEY_ENV),

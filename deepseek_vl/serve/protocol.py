@@ -22,9 +22,20 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)  # fmt: skip
 from starlette.requests import ClientDisconnect
 
+from deepseek_vl.chat import BOX_MARKUP, IMAGE_TAG
 from deepseek_vl.options import GenerationOptions
 from deepseek_vl.utils.io import ImageLoadError, RemotePolicy, fetch_image_bytes, image_size
 
@@ -33,14 +44,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_SEED", "MAX_STOP_CHARS", "APIError", "ChatCompletionRequest", "ChatMessage", "Limits", "bad_request",
-    "check_json_content_type", "check_model", "check_options", "check_prompt_chars", "generation_budget",
+    "check_json_content_type", "check_model", "check_options", "check_prompt_chars", "control_tokens",
+    "generation_budget",
     "host_allowed", "max_prompt_chars", "parse_request", "read_body", "to_chat_messages",
 ]  # fmt: skip
 
 _log = logging.getLogger("deepseek_vl.serve")
 
 MAX_STOP_CHARS = 1000  # per stop string
-MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1  # torch.manual_seed's range (a negative seed wraps modulo 2**64)
 
 
 class APIError(Exception):
@@ -51,9 +63,7 @@ class APIError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
     def body(self) -> dict[str, Any]:
-        kind = {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
-        if self.status >= 500:
-            kind = "server_error"
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"  # OpenAI's type for every 4xx
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -75,12 +85,20 @@ def bad_request(message: str, code: str, param: str | None = None) -> APIError:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # "stream": "yes" is an error, not True
+    """Strict types ("stream": "yes" is an error, not True), no unknown fields, and null meaning "not given"."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        """OpenAI's parameters are nullable: `"temperature": null` is the default, `"tools": null` asks for nothing."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class ImageURL(_Strict):
     url: str
-    detail: Literal["auto", "low", "high"] | None = None
+    detail: Literal["auto", "low", "high"] = "auto"  # the model always tiles at its own resolution
 
 
 class TextPart(_Strict):
@@ -93,17 +111,78 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class RefusalPart(_Strict):
+    """What an earlier answer refused, sent back as the assistant's text."""
+
+    type: Literal["refusal"]
+    refusal: str
+
+
+def _tag(value: Any, tags: tuple[str, ...]) -> str | None:
+    """The union member a value is validated as, so that an error names the member's own field, not every member's."""
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return f"<{kind}>" if kind in tags else None
+
+
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("<text>")]
+    | Annotated[ImagePart, Tag("<image_url>")]
+    | Annotated[RefusalPart, Tag("<refusal>")],
+    Discriminator(
+        lambda value: _tag(value, ("text", "image_url", "refusal")),
+        custom_error_type="invalid_content_part",
+        custom_error_message="a content part needs type 'text' or 'image_url' ('refusal' in assistant messages)",
+    ),
+]
+Content = Annotated[
+    Annotated[str, Tag("<str>")] | Annotated[list[ContentPart], Tag("<parts>")],
+    Discriminator(
+        lambda value: "<str>" if isinstance(value, str) else "<parts>" if isinstance(value, list) else None,
+        custom_error_type="invalid_content",
+        custom_error_message="content must be a string or a list of content parts",
+    ),
+]
 
 
 class ChatMessage(_Strict):
+    """A message; an assistant message may be an earlier answer sent back as it came (`response.choices[0].message`)."""
+
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: Content | None = None
     name: str | None = None
+    # The fields of an earlier answer: this server's own grounding (recomputed from the text), an empty refusal,
+    # no tool calls and no citations. Non-empty tool calls are refused: this model cannot have made them.
+    refusal: str | None = None
+    grounding: dict[str, Any] | None = None
+    tool_calls: list[Any] = Field(default_factory=list, max_length=0)
+    annotations: list[Any] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _content_fits_role(self) -> ChatMessage:
+        if self.role != "assistant":
+            if self.content is None:
+                raise ValueError(f"a {self.role} message needs content")
+            if any(isinstance(part, RefusalPart) for part in self.content if not isinstance(self.content, str)):
+                raise ValueError("a refusal part can only be in an assistant message")
+        return self
+
+    def text_and_urls(self) -> tuple[str, list[str]]:
+        """The message's text (parts joined by newlines) and its image URLs in order."""
+        content = self.content if self.content is not None else self.refusal or ""
+        if isinstance(content, str):
+            return content, []
+        texts, urls = [], []
+        for part in content:
+            if isinstance(part, ImagePart):
+                urls.append(part.image_url.url)
+            else:
+                texts.append(part.refusal if isinstance(part, RefusalPart) else part.text)
+        return "\n".join(texts), urls
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool = True  # padding against length side channels; nothing to pad here
 
 
 class ChatCompletionRequest(_Strict):
@@ -114,18 +193,31 @@ class ChatCompletionRequest(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0: only the most likely token, i.e. greedy
+    repetition_penalty: float = 1.0
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     n: int = 1
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logprobs: bool = False
+    top_logprobs: int = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     response_format: dict[str, Any] | None = None
+    # Accepted only when they ask for nothing this model does: no tools, no token biases.
+    tools: list[Any] = Field(default_factory=list, max_length=0)
+    tool_choice: Literal["none", "auto"] = "none"
+    parallel_tool_calls: bool = True
+    logit_bias: dict[str, float] = Field(default_factory=dict, max_length=0)
+    modalities: list[Literal["text"]] = ["text"]
+    # Accepted and ignored: they do not change the answer (user ids, storage, routing and cache hints).
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    store: bool = False
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
 
     @field_validator("n")
     @classmethod
@@ -134,7 +226,7 @@ class ChatCompletionRequest(_Strict):
             raise ValueError("only n=1 is supported; send several requests for several answers")
         return n
 
-    @field_validator("frequency_penalty", "presence_penalty", "logprobs")
+    @field_validator("frequency_penalty", "presence_penalty", "logprobs", "top_logprobs")
     @classmethod
     def _only_off(cls, value: float | bool, info: ValidationInfo) -> float | bool:
         """Accepted so that clients sending their defaults work; any other value would be silently wrong."""
@@ -150,6 +242,24 @@ class ChatCompletionRequest(_Strict):
         if stops is not None and (len(stops) > 4 or not all(0 < len(s) <= MAX_STOP_CHARS for s in stops)):
             raise ValueError(f"stop takes up to 4 non-empty strings of at most {MAX_STOP_CHARS} characters")
         return stops or None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return options
+
+    def decoding(self) -> dict[str, Any]:
+        """The library's settings: top_p 0 keeps the most likely token (greedy); a negative seed wraps as in torch."""
+        greedy = self.top_p == 0
+        return {
+            "temperature": 0.0 if greedy else self.temperature,
+            "top_p": 1.0 if greedy else self.top_p,
+            "repetition_penalty": self.repetition_penalty,
+            "stop": self.stop,
+            "seed": None if self.seed is None else self.seed % 2**64,
+        }
 
 
 # -------------------------------------------------------------------------------------------------------- checks
@@ -170,6 +280,7 @@ class Limits:
     max_prompt_chars: int
     request_timeout: float
     remote: RemotePolicy
+    control_tokens: frozenset[str] = frozenset()
 
 
 def check_model(requested: str, served: str) -> None:
@@ -229,6 +340,13 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
+_MUST_BE_EMPTY = {
+    "tools": "this model cannot call tools; leave tools empty",
+    "tool_calls": "this model makes no tool calls; send earlier answers without tool_calls",
+    "logit_bias": "logit_bias is not supported by this server; leave it empty",
+}
+
+
 def parse_request(body: bytes) -> ChatCompletionRequest:
     try:
         payload = json.loads(body)
@@ -242,8 +360,12 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         raise bad_request("The request body is nested too deeply.", "invalid_request") from error
     except ValidationError as error:
         first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        message = first["msg"] if first["type"] != "extra_forbidden" else "unsupported parameter"
+        where = ".".join(str(part) for part in first["loc"] if not str(part).startswith("<"))  # not union tags
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unsupported parameter"
+        elif first["type"] == "too_long" and first["loc"][-1] in _MUST_BE_EMPTY:
+            message = _MUST_BE_EMPTY[first["loc"][-1]]
         # 400, as OpenAI answers an invalid parameter (FastAPI's own default would be 422).
         raise APIError(400, f"Invalid request: {where or 'body'}: {message}.", "invalid_request", where or None)
 
@@ -251,11 +373,20 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
 def check_options(req: ChatCompletionRequest) -> None:
     """The library's own rules (e.g. temperature 0 or at least 1e-3), so no value can fail later inside torch."""
     try:
-        GenerationOptions(
-            temperature=req.temperature, top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed
-        )
-    except ValueError as error:
-        raise bad_request(str(error), "invalid_request") from error
+        GenerationOptions(**req.decoding())
+    except ValueError as error:  # the library's message starts with the parameter's name
+        raise bad_request(str(error), "invalid_request", str(error).split(" ", 1)[0]) from error
+
+
+def control_tokens(chat: VLChat) -> frozenset[str]:
+    """The tokenizer's special tokens that only the chat template writes (roles, end of sentence, tool calls...).
+
+    Written in a message they would be tokenized as the real control tokens, so a client could forge turns; the
+    markup clients do write (`<image>`, `<|grounding|>`, `<|ref|>`, `<|det|>` and their ends) stays allowed.
+    """
+    allowed = {IMAGE_TAG, "<|grounding|>", *BOX_MARKUP}
+    specials = (token.content for token in chat.tokenizer.added_tokens_decoder.values() if token.special)
+    return frozenset(token for token in specials if token not in allowed)
 
 
 def max_prompt_chars(chat: VLChat) -> int:
@@ -271,8 +402,7 @@ def check_prompt_chars(messages: Sequence[ChatMessage], limit: int) -> None:
     """Refuse hopeless prompts before tokenizing them (30 MB of text took minutes and gigabytes to tokenize)."""
     total = 0
     for message in messages:
-        parts = [message.content] if isinstance(message.content, str) else message.content
-        total += sum(len(part) if isinstance(part, str) else len(getattr(part, "text", "")) for part in parts)
+        total += len(message.text_and_urls()[0])
     if total > limit:
         message = f"The messages have {total} characters, more than this model's context can hold ({limit})."
         raise bad_request(message, "context_length_exceeded", "messages")
@@ -282,23 +412,25 @@ def to_chat_messages(
     messages: Sequence[ChatMessage], limits: Limits
 ) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
     """OpenAI messages to `VLChat` messages and image sizes; images stay encoded bytes until the job runs."""
-    count = sum(isinstance(p, ImagePart) for m in messages if not isinstance(m.content, str) for p in m.content)
+    count = sum(len(message.text_and_urls()[1]) for message in messages)
     if count > limits.max_images:
         message = f"The request has {count} images; at most {limits.max_images} are allowed."
         raise bad_request(message, "too_many_images", "messages")
     converted, sizes = [], []
     for index, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
-        parts = [message.content] if isinstance(message.content, str) else message.content
-        texts = [p if isinstance(p, str) else p.text for p in parts if not isinstance(p, ImagePart)]
-        urls = [p.image_url.url for p in parts if isinstance(p, ImagePart)]
+        text, urls = message.text_and_urls()
         param = f"messages.{index}.content"
+        forged = next((token for token in limits.control_tokens if token in text), None)
+        if forged is not None:
+            message = f"messages[{index}] contains {forged!r}, a control token only the chat template may write."
+            raise bad_request(message, "invalid_request", param)
         if urls and role != "user":
             raise bad_request(f"messages[{index}]: only user messages may contain images.", "invalid_image", param)
         images = [_image_bytes(url, limits, param) for url in urls]
         for data in images:
             sizes.append(_image_size(data, limits, param))
-        converted.append({"role": role, "content": "\n".join(texts), **({"images": images} if images else {})})
+        converted.append({"role": role, "content": text, **({"images": images} if images else {})})
     pixels = sum(width * height for width, height in sizes)
     if pixels > limits.max_request_pixels:
         message = (

@@ -38,11 +38,24 @@ from deepseek_vl.engine.metrics import EngineMetrics
 from deepseek_vl.serve.admission import Admission, Overloaded, Ticket
 from deepseek_vl.serve.commands import API_KEY_ENV, SERVE_TUNING
 from deepseek_vl.serve.protocol import (
-    APIError, ChatCompletionRequest, Limits, bad_request, check_json_content_type, check_model, check_options,
-    check_prompt_chars, generation_budget, host_allowed, max_prompt_chars, parse_request, read_body, to_chat_messages,
-)  # fmt: skip
+    APIError,
+    ChatCompletionRequest,
+    Limits,
+    bad_request,
+    check_json_content_type,
+    check_model,
+    check_options,
+    check_prompt_chars,
+    control_tokens,
+    generation_budget,
+    host_allowed,
+    max_prompt_chars,
+    parse_request,
+    read_body,
+    to_chat_messages,
+)
 from deepseek_vl.serve.worker import ClientGone, EngineWorker, GenerationWorker, Job, WorkerClosed
-from deepseek_vl.utils.io import RemotePolicy
+from deepseek_vl.utils.io import ImageLoadError, RemotePolicy
 
 if TYPE_CHECKING:
     from deepseek_vl.chat import ChatResult, VLChat
@@ -102,6 +115,7 @@ def create_app(
         max_prompt_chars=max_prompt_chars(chat),
         request_timeout=request_timeout,
         remote=RemotePolicy(public_only=True, allowed=tuple(allow_image_hosts)),
+        control_tokens=control_tokens(chat),
     )
     context = int(chat.model.config.language_config.max_position_embeddings)
     admission = Admission(max_queue, max_inflight_pixels)
@@ -175,14 +189,16 @@ def create_app(
         metrics.queue_length.set(len(worker.queue))
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    model_card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "deepseek-vl2"}
+
     @app.get("/v1/models", dependencies=authorized)
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(model_name)]}
+        return {"object": "list", "data": [model_card]}
 
     @app.get("/v1/models/{name:path}", dependencies=authorized)
     async def get_model(name: str) -> dict[str, Any]:
         check_model(name, model_name)
-        return _model_card(model_name)
+        return model_card
 
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(request: Request) -> Response:
@@ -208,7 +224,7 @@ def create_app(
     async def _answer(
         request: Request, req: ChatCompletionRequest, messages: list[dict], max_tokens: int, ticket: Ticket
     ) -> Response:
-        options = req.model_dump(include={"temperature", "top_p", "repetition_penalty", "stop", "seed"})
+        options = req.decoding()
         if req.response_format is not None:
             await run_in_threadpool(_check_response_format, chat, req.response_format)
             options["response_format"] = req.response_format
@@ -239,10 +255,6 @@ def create_app(
     return app
 
 
-def _model_card(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "deepseek-vl2"}
-
-
 def _check_response_format(chat: VLChat, response_format: dict[str, Any]) -> None:
     """Compile the grammar now (compiled grammars are cached) so that a bad schema is a 400, not a failed job."""
     try:
@@ -256,6 +268,8 @@ def _as_api_error(error: BaseException) -> APIError:
         return error
     if isinstance(error, WorkerClosed):
         return APIError(503, "The server is shutting down.", "server_shutting_down")
+    if isinstance(error, ImageLoadError):  # a header that read fine but a body that does not decode
+        return bad_request(str(error), "invalid_image", "messages")
     if isinstance(error, ValueError):
         return bad_request(str(error), "invalid_request")
     return APIError(500, f"Generation failed: {type(error).__name__}: {error}", "generation_failed")
@@ -302,7 +316,8 @@ class _Reply:
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return _sse({**self._head("chat.completion.chunk"), "choices": [choice]})
+        usage = {"usage": None} if self.include_usage else {}  # as OpenAI: null until the usage chunk
+        return _sse({**self._head("chat.completion.chunk"), "choices": [choice], **usage})
 
 
 def _usage(result: ChatResult) -> dict[str, int]:
