@@ -6,16 +6,18 @@ while requests join and leave its batch at every step, prompts are prefilled in 
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import jsonschema
 import pytest
 
 from deepseek_vl.chat import VLChat
-from deepseek_vl.engine import Engine
+from deepseek_vl.engine import Engine, EngineClosed
 from golden import GOLDEN, checkpoint
 
 IMAGES = GOLDEN / "images"
@@ -190,19 +192,37 @@ def test_prefix_cache_is_bounded_and_finds_the_longest_prefix():
 
 
 def test_a_failing_step_fails_its_requests_not_the_engine(tiny: VLChat, monkeypatch):
-    engine = Engine(tiny, max_rows=2)
+    """Several rows in flight: each ends with the step's error (or `EngineClosed` at stop), none hangs."""
+    engine = Engine(tiny, max_rows=4)
     engine.start()
+    messages = [{"role": "user", "content": "Hi"}]
     try:
         with pytest.raises(ValueError, match="context"):
-            engine.submit([{"role": "user", "content": "Hi"}], max_new_tokens=5000)
-        monkeypatch.setattr(engine.runner, "decode", lambda rows: (_ for _ in ()).throw(RuntimeError("device lost")))
-        broken = engine.submit([{"role": "user", "content": "Hi"}], max_new_tokens=5)
-        with pytest.raises(RuntimeError, match="device lost"):
-            broken.wait(timeout=30)
+            engine.submit(messages, max_new_tokens=5000)
+        healthy = engine.runner.decode
+        calls = itertools.count()
+
+        def breaks_on_the_fourth_step(rows):
+            if next(calls) == 3:
+                raise RuntimeError("device lost")
+            return healthy(rows)
+
+        monkeypatch.setattr(engine.runner, "decode", breaks_on_the_fourth_step)
+        broken = [engine.submit(messages, max_new_tokens=50) for _ in range(3)]
+        for handle in broken:
+            with pytest.raises(RuntimeError, match="device lost"):
+                handle.wait(timeout=30)
         monkeypatch.undo()
-        assert engine.submit([{"role": "user", "content": "Hi"}], max_new_tokens=3).wait(timeout=30).completion_tokens
+        assert engine.submit(messages, max_new_tokens=3).wait(timeout=30).completion_tokens == 3
+        running = [engine.submit(messages, max_new_tokens=2000) for _ in range(3)]
+        while not all(handle.seq.output for handle in running):
+            time.sleep(0.01)
     finally:
         engine.stop()
+    assert not engine.thread.is_alive()
+    for handle in running:
+        with pytest.raises(EngineClosed):
+            handle.wait(timeout=1)
 
 
 def test_exit_with_generation_in_flight_ends_cleanly():

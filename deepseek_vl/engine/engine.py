@@ -195,28 +195,34 @@ class Engine:
             self.thread.join(timeout=30)
 
     def _loop(self) -> None:
-        while True:
+        with torch.inference_mode():  # ending requests here, outside `step`, writes the cache in place too
+            while True:
+                with self.cond:
+                    while not self.closed and not self.incoming and not self.scheduler.has_work():
+                        self.cond.wait()
+                    if self.closed:
+                        break
+                try:
+                    self.step()
+                except Exception as error:  # noqa: BLE001 - a failed step fails the requests it ran, not the engine
+                    self._abort_running(error)
             with self.cond:
-                while not self.closed and not self.incoming and not self.scheduler.has_work():
-                    self.cond.wait()
-                if self.closed:
-                    break
-            try:
-                self.step()
-            except Exception as error:  # noqa: BLE001 - a failed step fails the requests it ran, not the engine
-                for seq in [*self.scheduler.prefilling, *self.scheduler.decoding]:
-                    self._finish(seq, error)
-        closed = EngineClosed("the engine stopped")
-        with self.cond:
-            for seq, handle in self.incoming:
-                self.handles[seq.id] = handle
-                self.scheduler.add(seq)
-            self.incoming.clear()
-        for seq in list(self.scheduler.waiting):
-            self.scheduler.drop_waiting(seq)
-            self._report(seq, closed)
+                for seq, handle in self.incoming:
+                    self.handles[seq.id] = handle
+                    self.scheduler.add(seq)
+                self.incoming.clear()
+            closed = EngineClosed("the engine stopped")
+            for seq in list(self.scheduler.waiting):
+                self.scheduler.drop_waiting(seq)
+                self._report(seq, closed)
+            self._abort_running(closed)
+
+    def _abort_running(self, error: BaseException) -> None:
+        """End every running request with `error` and drop the cache: a failed step may have left rows half written."""
         for seq in [*self.scheduler.prefilling, *self.scheduler.decoding]:
-            self._finish(seq, closed)
+            self.scheduler.leave(seq)
+            self._report(seq, error)
+        self.runner.cache.release()
 
     @torch.inference_mode()
     def step(self) -> None:
