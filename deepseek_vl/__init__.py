@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import logging
 import sys
 from typing import Any
 
@@ -48,6 +49,15 @@ class _AfterTransformersImport(importlib.abc.MetaPathFinder):
             spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
 
+
+def _drop_enum_notices(record: logging.LogRecord) -> bool:
+    """transformers imports torchao when it is installed, and torchao's import makes torch log two deprecation
+    notices ("<enum 'KernelPreference'> is an Enum subclass ...") on stderr: nothing a user of this package can act on.
+    """
+    return "is an Enum subclass and is now natively supported" not in record.getMessage()
+
+
+logging.getLogger("torch.utils._pytree").addFilter(_drop_enum_notices)
 
 if "transformers" in sys.modules:
     _register_models()

@@ -163,13 +163,13 @@ class VLChat:
         answer to JSON with xgrammar; an unusable schema is a ValueError.
         """
         options = GenerationOptions(max_new_tokens, temperature, top_p, repetition_penalty, stop, seed, chunk_size)
-        sample, last_size = self._prepare(messages, images, system_prompt, exif_transpose)
+        sample, image_sizes = self._prepare(messages, images, system_prompt, exif_transpose)
         grammar = self._grammar(response_format)
         if not stream:
-            return self._generate([sample], [last_size], options, grammar=grammar)[0]
+            return self._generate([sample], [image_sizes], options, grammar=grammar)[0]
 
         def run(streamer: BaseStreamer, cancel: threading.Event) -> ChatResult:
-            return self._generate([sample], [last_size], options, streamer=streamer, cancel=cancel, grammar=grammar)[0]
+            return self._generate([sample], [image_sizes], options, streamer=streamer, cancel=cancel, grammar=grammar)[0]
 
         return ChatStream(run, self._decode, options.stop)
 
@@ -211,18 +211,18 @@ class VLChat:
 
     def _prepare(
         self, messages: list[dict[str, Any]], images: list | None, system_prompt: str | None, exif_transpose: bool
-    ) -> tuple[VLChatProcessorOutput, tuple[int, int] | None]:
-        """Official-role conversation + loaded images -> one processor sample, and the last image's size."""
+    ) -> tuple[VLChatProcessorOutput, list[tuple[int, int]]]:
+        """Official-role conversation + loaded images -> one processor sample, and the images' sizes (for boxes)."""
         conversation, pil_images = build_conversation(
             messages, images, system_prompt, exif_transpose, max_pixels=self.max_image_pixels
         )
         sample = self.processor.process_one(conversations=conversation, images=pil_images, inference_mode=True)
-        return sample, (pil_images[-1].size if pil_images else None)
+        return sample, [image.size for image in pil_images]
 
     def _generate(
         self,
         samples: list[VLChatProcessorOutput],
-        last_sizes: list[tuple[int, int] | None],
+        image_sizes: list[list[tuple[int, int]]],
         options: GenerationOptions,
         streamer: BaseStreamer | None = None,
         cancel: threading.Event | None = None,
@@ -252,8 +252,8 @@ class VLChat:
             )
         rows = output[:, prompt_length:].tolist()
         return [
-            self._result(row, stopper.stopped.get(index), len(sample.input_ids), size, options.stop, cancel)
-            for index, (row, sample, size) in enumerate(zip(rows, samples, last_sizes))
+            self._result(row, stopper.stopped.get(index), len(sample.input_ids), sizes, options.stop, cancel)
+            for index, (row, sample, sizes) in enumerate(zip(rows, samples, image_sizes))
         ]
 
     def _grammar(self, response_format: dict[str, Any] | None) -> Any:
@@ -280,7 +280,7 @@ class VLChat:
         tokens: list[int],
         stopped_after: int | None,
         prompt_tokens: int,
-        last_size: tuple[int, int] | None,
+        image_sizes: list[tuple[int, int]],
         stops: tuple[str, ...],
         cancel: threading.Event | None,
     ) -> ChatResult:
@@ -298,7 +298,7 @@ class VLChat:
             reason = "cancelled"
         else:
             reason = "length"
-        grounding = parse_grounding(text, [last_size] if last_size else None)
+        grounding = parse_grounding(text, image_sizes or None, image_index=max(len(image_sizes) - 1, 0))
         return ChatResult(text, prompt_tokens, len(tokens), reason, grounding, tokens)
 
     def _decode(self, tokens: Sequence[int]) -> str:
@@ -317,6 +317,8 @@ def build_conversation(
     """Normalise roles, attach and load images, add the system message and the open assistant turn."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise ValueError(f"system_prompt must be a string, got {type(system_prompt).__name__}")
     conversation: list[dict[str, str]] = []
     per_message: list[list] = []
     for index, message in enumerate(messages):
@@ -325,6 +327,9 @@ def build_conversation(
         role = _ROLES.get(str(message["role"]).lower())
         if role is None:
             raise ValueError(f"message {index} has unknown role {message['role']!r}; use user, assistant or system")
+        unknown = sorted(set(message) - {"role", "content", "images"})
+        if unknown:  # a typo such as "image" would otherwise drop the image silently
+            raise ValueError(f"message {index} has unknown key {unknown[0]!r}; a message has role, content and images")
         sources = message.get("images")
         sources = [] if sources is None else sources
         if not isinstance(sources, (list, tuple)):

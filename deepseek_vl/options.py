@@ -48,6 +48,8 @@ class GenerationOptions:
                 raise ValueError(f"seed must be below 2**64, got {self.seed}")
         if self.chunk_size is not None:
             _check_int("chunk_size", self.chunk_size, minimum=1)
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")

@@ -197,6 +197,8 @@ def test_images_as_pil_numpy_and_data_url(tiny: VLChat) -> None:
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"stop": ""}, "stop"),
         ({"stop": ["ok", 3]}, "stop"),
+        ({"stop": 5}, "stop"),
+        ({"stop": {"ok": 1}}, "stop"),
         ({"seed": -1}, "seed"),
         ({"chunk_size": 0}, "chunk_size"),
     ],
@@ -218,6 +220,8 @@ def test_invalid_options_are_clear_errors(tiny: VLChat, options: dict, message: 
         ([{"role": "assistant", "content": "Hi", "images": [GIRAFFES]}], None, "only user messages"),
         ([{"role": "user", "content": "Hi", "images": GIRAFFES}], None, "must be a list"),
         ([{"role": "user", "content": "Hi"}], GIRAFFES, "wrap a single image"),
+        ([{"role": "user", "content": "Hi", "image": GIRAFFES}], None, "unknown key 'image'"),
+        ([{"role": "system", "content": "Be brief."}], None, "need a user message"),
     ],
 )
 def test_invalid_messages_are_clear_errors(tiny: VLChat, messages: list, images: list | None, message: str) -> None:
@@ -263,7 +267,7 @@ def test_answer_post_processing_keeps_boxes(tiny: VLChat, monkeypatch) -> None:
     result = tiny.chat(messages)
     assert (result.text, result.finish_reason, result.completion_tokens) == (answer, "stop", len(tokens))
     (box,) = result.grounding.boxes
-    assert box.label == "The giraffe" and box.box == (100, 200, 499, 999)
+    assert box.label == "The giraffe" and box.box == (100, 200, 499, 999) and box.image_index == 1  # the 2nd image
     assert box.pixels == pytest.approx((100 / 999 * 724, 200 / 999 * 1086, 499 / 999 * 724, 1086))
     assert json.loads(json.dumps(result.to_dict()))["boxes"][0]["box"] == [100, 200, 499, 999]
     stream = tiny.chat(messages, stream=True)

@@ -72,6 +72,7 @@ def test_quickstart_script_runs() -> None:
     result = subprocess.run([*command, "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "<|User|>: <image>\n<|ref|>The giraffe at the back.<|/ref|>." in result.stdout
+    assert "is an Enum subclass" not in result.stderr  # torch's notices about torchao, which transformers imports
 
 
 def test_auto_classes_and_language_alias(load_model) -> None:

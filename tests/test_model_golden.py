@@ -165,6 +165,18 @@ def test_incremental_prefilling(load_model, variant: str, chunk_size: int) -> No
     assert torch.equal(out[:, prompt_length:], model_case(variant, case)[1]["incremental_generated_ids"])
 
 
+def test_language_model_takes_the_cache_under_either_name(load_model) -> None:
+    """`cache=` or the older `past_key_values=` (the model card's name): a prefix's cache continues it either way."""
+    model = load_model("tiny")
+    ids = official_inputs("06_text_only")["input_ids"]
+    with torch.no_grad():
+        full = model.language_model(input_ids=ids).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            prefix = model.language_model(input_ids=ids[:, :-1], use_cache=True).cache
+            last = model.language_model(input_ids=ids[:, -1:], use_cache=True, **{name: prefix}).logits[:, -1]
+            assert_close(last, full, **LOGIT_TOL, name=name)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_incremental_prefilling_left_padded_batch(load_model, variant: str) -> None:
     """Unlike the official code, chunked prefill of a left-padded batch gives the unchunked tokens."""

@@ -129,7 +129,7 @@ class Engine:
         """
         options.pop("chunk_size", None)  # prefill is always chunked here, by the engine's budget
         settings = GenerationOptions(**options)
-        sample_, last_size = self.chat._prepare(messages, images, system_prompt, exif_transpose)
+        sample_, image_sizes = self.chat._prepare(messages, images, system_prompt, exif_transpose)
         self.chat._check_context([sample_], settings.max_new_tokens)
         grammar = None
         if response_format is not None:
@@ -137,7 +137,7 @@ class Engine:
 
             vocab_size = self.chat.model.config.language_config.vocab_size
             grammar = grammar_for(self.chat.tokenizer, vocab_size, response_format)
-        seq = Sequence(sample_, settings, last_size, grammar, on_piece, on_done)
+        seq = Sequence(sample_, settings, image_sizes, grammar, on_piece, on_done)
         if cancel is not None:
             seq.cancel = cancel
         seq.generator = new_generator(settings.seed, self.runner.device) if settings.temperature > 0 else None
@@ -310,7 +310,7 @@ class Engine:
         seq.embeds = None
         if error is None:
             result = self.chat._result(
-                seq.output, seq.stopped_after, seq.prompt_length, seq.last_image_size, seq.options.stop, seq.cancel
+                seq.output, seq.stopped_after, seq.prompt_length, seq.image_sizes, seq.options.stop, seq.cancel
             )
             if seq.streamer is not None and not seq.cancel.is_set():
                 seq.streamer.emit(result.text)

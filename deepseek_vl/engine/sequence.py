@@ -35,7 +35,7 @@ class Sequence:
 
     sample: VLChatProcessorOutput  # the processor's output for the prompt
     options: GenerationOptions
-    last_image_size: tuple[int, int] | None = None
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # boxes are parsed for the last one
     grammar: GrammarState | None = None
     on_piece: Callable[[str], None] | None = None
     on_done: Callable[[ChatResult | BaseException], None] | None = None

@@ -746,9 +746,14 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """``logits_to_keep=n`` projects only the last n positions (generate asks for 1); 0 keeps all."""
+        """``logits_to_keep=n`` projects only the last n positions (generate asks for 1); 0 keeps all.
+
+        ``past_key_values`` is the older name of ``cache``, which the model card's calls and older code use.
+        """
+        cache = cache if cache is not None else past_key_values
         tokens = input_ids if input_ids is not None else inputs_embeds
         kernels = contextlib.nullcontext() if self.training or tokens is None else decode_kernels(tokens, self.dtype)
         with kernels:

@@ -18,7 +18,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
-import logging
 import re
 import signal
 import sys
@@ -77,9 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported by the sub-command's parser, which lists the options that do exist
         _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    # transformers imports torchao when it is installed, and torchao's import makes torch log two deprecation
-    # notices on stderr before every command: nothing the user can act on.
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         return _resolve(args.handler)(args)
     except USER_ERRORS as error:
