@@ -165,6 +165,20 @@ def test_incremental_prefilling(load_model, variant: str, chunk_size: int) -> No
     assert torch.equal(out[:, prompt_length:], model_case(variant, case)[1]["incremental_generated_ids"])
 
 
+@pytest.mark.filterwarnings("ignore:Passing `repetition_penalty` with `inputs_embeds`")
+def test_repetition_penalty_of_a_left_padded_batch_equals_single_rows(load_model) -> None:
+    """The model card's call with a repetition penalty: each row of a left-padded batch gives its unpadded tokens."""
+    model = load_model("tiny")
+    inputs = official_inputs("10_batch_three")
+    options = {**generation_kwargs(15), "repetition_penalty": 1.1}
+    with torch.no_grad():
+        embeds = model.prepare_inputs_embeds(**inputs)
+        batch = model.language_model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], **options)
+        for row, mask in enumerate(inputs["attention_mask"].bool()):
+            alone = model.language_model.generate(inputs_embeds=embeds[row : row + 1, mask], **options)
+            assert batch[row, : alone.shape[1]].tolist() == alone[0].tolist(), row
+
+
 def test_language_model_takes_the_cache_under_either_name(load_model) -> None:
     """`cache=` or the older `past_key_values=` (the model card's name): a prefix's cache continues it either way."""
     model = load_model("tiny")

@@ -17,7 +17,7 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel, RepetitionPenaltyLogitsProcessor
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -734,6 +734,18 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
         if type(cache) is DynamicCache and made_here:
             model_kwargs["cache"] = InPlaceCache()
         return prepared
+
+    def _get_logits_processor(self, generation_config, input_ids_seq_length: int | None = None, *args, **kwargs):
+        """The repetition penalty of ``generate(inputs_embeds=...)`` without ``input_ids`` sees only the answer's
+        tokens, so a left-padded row has no prompt padding to skip; transformers skips as many answer tokens as the
+        row has pads (and the model card's batched calls would then repeat what the official code penalises).
+        """
+        processors = super()._get_logits_processor(generation_config, input_ids_seq_length, *args, **kwargs)
+        if not input_ids_seq_length:
+            for processor in processors:
+                if isinstance(processor, RepetitionPenaltyLogitsProcessor):
+                    processor.prompt_ignore_length = None
+        return processors
 
     def forward(
         self,
