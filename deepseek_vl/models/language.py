@@ -22,9 +22,12 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 
 from .cache import InPlaceCache
 from .configuration import DeepseekV2Config
+
+logger = logging.get_logger(__name__)
 
 
 class DeepseekV2RMSNorm(nn.Module):
@@ -677,11 +680,11 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
             cache = InPlaceCache()
         past = cache.get_seq_length() if cache is not None else 0
         batch, length = inputs_embeds.shape[:2]
-        if length > 1 and past + length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"The input is {past + length} tokens long but the model's context is "
-                f"{self.config.max_position_embeddings} tokens (max_position_embeddings): shorten the prompt, "
-                "use fewer or smaller images, or split the conversation."
+        if past + length > self.config.max_position_embeddings:  # the official code runs on, and so does this one
+            logger.warning_once(
+                f"The input is longer than the {self.config.max_position_embeddings} tokens the model was trained on "
+                "(max_position_embeddings): expect weaker answers. Shorten the prompt, use fewer or smaller images, "
+                "or split the conversation."
             )
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=inputs_embeds.device).expand(batch, -1)
