@@ -27,6 +27,7 @@ Multi-image: one parse describes one image, ``image_index`` (default 0), and pix
 from __future__ import annotations
 
 import colorsys
+import functools
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -47,6 +48,10 @@ __all__ = [
 
 MAX_COORD = 999
 MAX_DRAWN_LABEL = 200  # characters of a label drawn on an image; longer ones end with an ellipsis
+# Label fonts, broadest first: the model often answers in Chinese, and Pillow's own font has plain Latin letters only
+# (a label like "café" or "长颈鹿" would be drawn as boxes). Found by name in the system's font folders
+# (`apt-get install fonts-noto-cjk` for Chinese); Pillow's font is the last resort.
+LABEL_FONTS = ("NotoSansCJK-Regular.ttc", "NotoSansCJKsc-Regular.otf", "wqy-microhei.ttc", "DejaVuSans.ttf")
 Box = tuple[int, int, int, int]
 RGB = tuple[int, int, int]
 
@@ -311,7 +316,7 @@ def draw_grounding(
     out = image.convert("RGB")  # always a new image, so the input is never touched
     w, h = out.size
     line = width if width is not None else max(1, round(max(w, h) / 250))
-    font = ImageFont.load_default(size=max(10, round(max(w, h) / 40)))
+    font = label_font(max(10, round(max(w, h) / 40)))
     colors = label_colors(b.label for b in boxes)
     draw = ImageDraw.Draw(out)
     rects = [(_pixel_rect(b.box, w, h), b) for b in boxes]
@@ -321,6 +326,17 @@ def draw_grounding(
         if b.label:
             _draw_label(draw, font, b.label, rect, colors[b.label], (w, h))
     return out
+
+
+@functools.cache
+def label_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The first of `LABEL_FONTS` installed here, at `size` pixels."""
+    for name in LABEL_FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size)
 
 
 def _boxes_of(result_or_boxes: GroundingResult | Iterable[GroundingBox]) -> list[GroundingBox]:

@@ -6,7 +6,7 @@ import json
 import random
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from deepseek_vl.grounding import (
     GroundingBox,
@@ -14,6 +14,7 @@ from deepseek_vl.grounding import (
     annotate,
     draw_grounding,
     label_colors,
+    label_font,
     parse_grounding,
     strip_grounding_markup,
 )
@@ -299,3 +300,14 @@ def test_draw_truncates_huge_labels() -> None:
     image = Image.new("RGB", (64, 48))
     drawn = draw_grounding(image, [GroundingBox("x" * 1_000_000, (0, 0, 500, 500))])
     assert drawn.size == image.size and drawn.getbbox() is not None
+
+
+def test_labels_beyond_latin_are_drawn_with_their_glyphs() -> None:
+    """The letter é must not come out as the missing-glyph box (Pillow's own font has plain Latin letters only)."""
+
+    def drawn(text: str) -> bytes:
+        image = Image.new("L", (60, 40))
+        ImageDraw.Draw(image).text((0, 0), text, font=label_font(20), fill=255)
+        return image.tobytes()
+
+    assert drawn("é") != drawn("\u0378")  # U+0378 has a glyph in no font
