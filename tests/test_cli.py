@@ -136,6 +136,12 @@ def test_usage_errors_are_one_line(capsys, args: list[str], message: str) -> Non
     assert message in err and err.count("\n") == 1
 
 
+def test_annotate_into_a_read_only_folder_fails_before_the_model_loads(capsys, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("deepseek_vl.serve.cli.os.access", lambda path, mode: False)  # tests run as root
+    assert main(["generate", "hi", "-i", GIRAFFES, "--annotate", str(tmp_path / "boxes.png")]) == 2
+    assert "its folder is not writable" in capsys.readouterr().err
+
+
 HEAVY_MODULES = ("torch", "transformers", "fastapi", "gradio", "uvicorn", "numpy", "deepseek_vl.models")
 
 

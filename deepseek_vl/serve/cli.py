@@ -18,6 +18,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 import signal
 import sys
@@ -356,6 +357,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CLIError("--annotate needs at least one --image to draw on")
     if args.annotate and not Path(args.annotate).resolve().parent.is_dir():
         raise CLIError(f"cannot write {args.annotate!r}: its folder does not exist")
+    if args.annotate and not os.access(Path(args.annotate).resolve().parent, os.W_OK):
+        raise CLIError(f"cannot write {args.annotate!r}: its folder is not writable")
     if args.annotate and Path(args.annotate).suffix.lower() not in Image.registered_extensions():
         raise CLIError(f"cannot write {args.annotate!r}: use an image file extension such as .png or .jpg")
     response_format = read_json_schema(args.json_schema) if args.json_schema else None
