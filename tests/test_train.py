@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ pytest.importorskip("peft")
 
 from deepseek_vl.grounding import parse_grounding  # noqa: E402
 from deepseek_vl.train.collate import Collator  # noqa: E402
-from deepseek_vl.train.data import DataError, read_jsonl  # noqa: E402
+from deepseek_vl.train.data import DataError, read_jsonl, scan_jsonl  # noqa: E402
 from deepseek_vl.train.lora import TrainableParts, apply_lora, lora_target_regex  # noqa: E402
 
 TINY = checkpoint("tiny")
@@ -542,3 +544,148 @@ def test_merge_command_and_help_stay_light(trained, tmp_path: Path, capsys) -> N
     assert "not a LoRA adapter folder" in capsys.readouterr().err
     probe = "import sys; from deepseek_vl.serve.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+
+
+# --- every check before training, all problems at once ----------------------------------------------------------
+
+CHAT = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+
+
+def test_malformed_conversations_bytes_and_keys_are_each_a_line_error(tmp_path: Path) -> None:
+    rows = [
+        {"messages": [{"role": "assistant", "content": "A"}]},
+        {"messages": [CHAT[0], CHAT[0], CHAT[1]]},
+        {"messages": [CHAT[0], CHAT[1], CHAT[1]]},
+        {"messages": [CHAT[0], {"role": "assistant", "content": " "}, *CHAT]},
+        {"messages": [CHAT[0], {"role": "assistant", "content": "A", "bboxes": []}]},
+        {"messages": [{"role": "user", "content": "<image>x", "image": str(IMAGE)}, CHAT[1]]},
+        {"messages": CHAT, "sytem": "typo"},
+        {"messages": [{"role": "system", "content": "See <image>"}, *CHAT]},
+        {"messages": [{"role": "system", "content": "S"}, *CHAT], "system": "S"},
+        {"system": "Be brief.", "messages": CHAT},
+    ]  # fmt: skip
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    path.write_bytes(codecs.BOM_UTF8 + path.read_bytes() + b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    examples, problems = scan_jsonl(path)
+    expected = [
+        (1, "must start with a user message"),
+        (2, "messages 0 and 1 are both user messages"),
+        (3, "messages 1 and 2 are both assistant messages"),
+        (4, "message 1: the assistant answer is empty"),
+        (5, "unknown key 'bboxes'; did you mean 'boxes'?"),
+        (6, "unknown key 'image'; did you mean 'images'?"),
+        (7, "the row has an unknown key 'sytem'; did you mean 'system'?"),
+        (8, "message 0 (system): <image> may only appear in user messages"),
+        (9, 'either as "system" or as a system message'),
+        (11, "not UTF-8 (byte 0xe9"),
+    ]  # fmt: skip
+    assert len(problems) == len(expected), problems
+    for problem, (line, text) in zip(problems, expected):
+        assert problem.startswith(f"{path}:{line}: ") and text in problem, problem
+    (example,) = examples  # line 10, after the BOM: a top-level system (ms-swift's sharegpt layout) is the system turn
+    assert example.line == 10 and example.messages[0] == {"role": "system", "content": "Be brief."}
+    with pytest.raises(ValueError, match="is a folder; pass the JSONL file itself"):
+        scan_jsonl(tmp_path)
+
+
+def truncated_jpeg(folder: Path) -> Path:
+    data = GIRAFFES.read_bytes()
+    (folder / "cut.jpg").write_bytes(data[: len(data) // 2])  # the header reads, the pixels do not decode
+    return folder / "cut.jpg"
+
+
+def test_validate_lists_every_problem_of_every_check_in_one_run(tmp_path: Path, capsys) -> None:
+    """Format errors and token-level ones (over the model's context, a truncated JPEG) together, in line order,
+    all 25 of them (no "... and N more")."""
+    from deepseek_vl.serve.cli import main
+
+    context = json.loads((TINY / "config.json").read_text())["language_config"]["max_position_embeddings"]
+    long_row = {"messages": [CHAT[0], {"role": "assistant", "content": "hello " * context}]}
+    cut = {"messages": [{"role": "user", "content": "<image>", "images": [str(truncated_jpeg(tmp_path))]}, CHAT[1]]}
+    rows = [TRAIN_ROWS[0], long_row, cut, *[{"messages": [CHAT[0]]}] * 22, "{oops"]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    assert main(["finetune", "--model", str(TINY), "--data", str(data), "--validate"]) == 2
+    out, err = capsys.readouterr()
+    listed = [line for line in err.splitlines() if line.startswith(f"{data}:")]
+    assert [int(line.split(":")[1]) for line in listed] == list(range(2, 27))
+    assert f"over the limit of {context} (the model's context, max_position_embeddings)" in listed[0]
+    assert "cut.jpg" in listed[1] and "truncated" in listed[1] and "not valid JSON" in listed[-1]
+    assert "25 row(s) would fail" in err and "more" not in err and "train: 1 conversations" in out
+
+
+def test_finetune_refuses_bad_rows_flags_and_outputs_before_loading_the_model(tmp_path: Path, capsys, monkeypatch):
+    from deepseek_vl.serve.cli import main
+    from deepseek_vl.train import trainer
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(trainer, "load_model", no_model)
+    good = write_jsonl(tmp_path / "good.jsonl", TRAIN_ROWS[:1])
+    cut = {"messages": [{"role": "user", "content": "<image>", "images": [str(truncated_jpeg(tmp_path))]}, CHAT[1]]}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [TRAIN_ROWS[0], cut])
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "checkpoint-9").mkdir()
+    stale = tmp_path / "stale"
+    (stale / "checkpoint-4").mkdir(parents=True)
+    (stale / "checkpoint-4" / trainer.RUN_FILE).write_text(json.dumps({"method": "full", "model": str(TINY)}))
+    cases = [
+        (["--data", str(bad), "--max-length", "9"], [f"{bad}:1: the conversation is 1", "limit of 9 (--max-length)"]),
+        (["--data", str(bad)], [f"{bad}:2:", "truncated"]),
+        (["--output", str(good)], ["is a file"]),
+        (["--output", str(tmp_path / "used")], ["is not empty", "--resume"]),
+        (["--output", str(tmp_path / "new"), "--resume"], ["no checkpoint-N folder"]),
+        (["--output", str(stale), "--resume"], ["cannot resume from", "method 'full' (this run: 'lora')"]),
+        (["--method", "full", "--lora-rank", "8", "--train-router"], ["--lora-rank, --train-router: LoRA settings"]),
+        (["--method", "full", "--dtype", "bfloat16"], ["float32 master weights"]),
+    ]  # fmt: skip
+    for extra, expected in cases:
+        defaults = [item for pair in (("--data", str(good)), ("--output", str(tmp_path / "out"))) if pair[0] not in extra
+                    for item in pair]  # fmt: skip
+        assert main(["finetune", "--model", str(TINY), *defaults, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert all(text in err for text in expected) and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_summary_counts_this_run_logs_the_last_step_and_evaluates_once(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Fewer steps than --logging-steps still log a loss; the final eval (here at the last step) runs once; after
+    --resume the summary counts only the steps run now; a relative --model is recorded as an absolute path."""
+    from deepseek_vl.train.trainer import FinetuneConfig, finetune, format_summary
+
+    data = read_jsonl(write_jsonl(tmp_path / "train.jsonl", TRAIN_ROWS))
+    monkeypatch.chdir(TINY.parent)
+    settings = {"model": TINY.name, "output": str(tmp_path / "out"), "max_steps": 2, "logging_steps": 10,
+                "save_steps": 2}  # fmt: skip
+    first = finetune(FinetuneConfig(**settings), data, data[:1])
+    out = capsys.readouterr().out
+    assert "step 2/2  loss" in out and out.count("eval loss") == 1
+    assert first.steps == 2 and first.start_step == 0 and first.eval_loss is not None
+    adapter = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(TINY.resolve())
+
+    second = finetune(FinetuneConfig(**settings | {"max_steps": 3, "resume": True}), data, data[:1])
+    assert (second.steps, second.start_step, second.final_step) == (1, 2, 3)
+    assert 0 < second.tokens < first.tokens  # this run's one row, not the checkpoint's two as well
+    losses = [entry["loss"] for entry in json.loads((tmp_path / "out" / "checkpoint-3" / "trainer_state.json")
+              .read_text())["log_history"] if "loss" in entry]  # fmt: skip
+    assert second.last_loss == losses[-1]
+    assert "trained 1 steps (resumed at step 2, now at 3)" in format_summary(second, str(tmp_path / "out"))
+
+
+def test_merge_output_checks_and_an_adapter_of_another_model_size(trained, tmp_path: Path, capsys) -> None:
+    from deepseek_vl.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
+    from deepseek_vl.serve.cli import main
+    from deepseek_vl.train.merge import merge_adapter
+
+    _, _, output, _ = trained
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    for target in (tmp_path / "full", tmp_path / "full" / "x"):
+        assert main(["merge", "--adapter", str(output), "--output", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert ("is not empty" in err or "is a file" in err) and "Traceback" not in err
+    config = DeepseekVLV2Config.from_pretrained(TINY)
+    config.language_config.hidden_size = config.projector_config.n_embed = 32  # another model size
+    with pytest.raises(ValueError, match=rf"trained on {re.escape(str(TINY))}, not this model: \d+ of its tensors"):
+        merge_adapter(DeepseekVLV2ForCausalLM(config), output)

@@ -9,6 +9,7 @@ import argparse
 import importlib.util
 import statistics
 import sys
+from pathlib import Path
 
 METHODS = ("lora", "qlora", "full")
 
@@ -33,7 +34,8 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval-data", metavar="JSONL", help="held-out conversations for the eval loss")
     parser.add_argument("--output", default="out", metavar="FOLDER", help="where the adapter/model and checkpoints go")
     parser.add_argument("--method", choices=METHODS, default="lora", help="lora (default), qlora (NF4 base), full")
-    parser.add_argument("--validate", action="store_true", help="check every row and print token statistics; no training")
+    parser.add_argument("--validate", action="store_true",
+                        help="check every row, list every bad one, print token statistics; no training")  # fmt: skip
     parser.add_argument(
         "--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
         help="continue from the latest checkpoint in --output, or from the given checkpoint-N folder",
@@ -45,7 +47,8 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     train.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 LoRA, 1e-5 full)")
     train.add_argument("--optim", default="adamw_torch", help="a transformers optimizer name (default: %(default)s)")
-    train.add_argument("--max-length", type=int, default=None, help="refuse conversations longer than N tokens")
+    train.add_argument("--max-length", type=int, default=None,
+                       help="refuse conversations longer than N tokens (the model's context is always a limit)")  # fmt: skip
     train.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, much more memory")
     train.add_argument("--logging-steps", type=int, default=10)
     train.add_argument("--eval-steps", type=int, default=None, help="default: --save-steps")
@@ -56,9 +59,9 @@ def add_finetune_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                        help="base weights; auto = bf16 for LoRA on a GPU, else float32")  # fmt: skip
     lora = parser.add_argument_group("what trains")
-    lora.add_argument("--lora-rank", type=int, default=16)
-    lora.add_argument("--lora-alpha", type=int, default=32)
-    lora.add_argument("--lora-dropout", type=float, default=0.05)
+    lora.add_argument("--lora-rank", type=int, default=None, help="default: 16")
+    lora.add_argument("--lora-alpha", type=int, default=None, help="default: 32")
+    lora.add_argument("--lora-dropout", type=float, default=None, help="default: 0.05")
     lora.add_argument("--lora-experts", action="store_true", help="LoRA on every routed expert too (many params)")
     lora.add_argument("--train-router", action="store_true", help="train the MoE routers")
     lora.add_argument("--lora-vision", action="store_true", help="LoRA on the vision tower's blocks")
@@ -91,61 +94,63 @@ def require_peft() -> None:
 
 def finetune_command(args: argparse.Namespace) -> int:
     require_peft()
-    from deepseek_vl.train.data import read_jsonl
+    from deepseek_vl.train.data import read_jsonl, scan_jsonl
     from deepseek_vl.train.lora import TrainableParts
+    from deepseek_vl.train.trainer import FinetuneConfig, check_config, finetune, format_summary, prepare_output
 
-    if args.lora_vision and args.train_vision:
-        raise ValueError("choose one of --lora-vision and --train-vision")
-    train = read_jsonl(args.data)
-    evaluation = read_jsonl(args.eval_data) if args.eval_data else None
-    if args.validate:
-        return validate_command(args, train, evaluation)
-
-    from deepseek_vl.train.trainer import FinetuneConfig, finetune, format_summary
-
+    lora_settings = {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout}
+    given = {name: value for name, value in lora_settings.items() if value is not None}
+    lora_only = [*given, *(name for name in ("lora_experts", "train_router", "lora_vision") if getattr(args, name))]
+    if args.method == "full" and lora_only:
+        raise ValueError(
+            f"{', '.join('--' + name.replace('_', '-') for name in lora_only)}: LoRA settings, ignored by --method "
+            "full, which trains every language-model weight (routed experts and routers included); drop them (for "
+            "the vision tower: --train-vision)"
+        )
     config = FinetuneConfig(
         model=args.model, output=args.output, method=args.method,
         parts=TrainableParts(args.lora_experts, args.train_router, args.lora_vision, args.train_vision,
                              args.train_projector),
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        **given, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         learning_rate=args.lr if args.lr is not None else (1e-5 if args.method == "full" else 2e-4),
         optimizer=args.optim, max_length=args.max_length, gradient_checkpointing=not args.no_gradient_checkpointing,
         logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps, seed=args.seed,
         dtype=args.dtype, resume=args.resume, fsdp=args.fsdp, deepspeed=args.deepspeed,
     )  # fmt: skip
+    check_config(config)
+    if args.validate:
+        files = [("train", args.data), *([("eval", args.eval_data)] if args.eval_data else [])]
+        return validate_command(args, [(name, path, *scan_jsonl(path)) for name, path in files])
+    prepare_output(config)  # before the data and the model load: a wrong --output fails at once
+    train = read_jsonl(args.data)
+    evaluation = read_jsonl(args.eval_data) if args.eval_data else None
     print(f"Fine-tuning {args.model} ({args.method}) on {len(train)} conversations from {args.data}", file=sys.stderr)
     summary = finetune(config, train, evaluation)
     print(format_summary(summary, args.output))
     return 0
 
 
-def validate_command(args: argparse.Namespace, train: list, evaluation: list | None) -> int:
-    """Process every row as training would, report all problems and the token-length statistics."""
+def validate_command(args: argparse.Namespace, files: list[tuple[str, str, list, list[str]]]) -> int:
+    """Every check of every row in one pass (format, then tokens, images and lengths of the rows that parse), every
+    problem listed in file and line order, and the token-length statistics of the good rows."""
     from deepseek_vl.chat import resolve_model_folder
     from deepseek_vl.models import DeepseekVLV2Processor
-    from deepseek_vl.train.collate import Collator
+    from deepseek_vl.train.collate import Collator, check_rows, context_length
 
-    processor = DeepseekVLV2Processor.from_pretrained(resolve_model_folder(args.model))
-    collator = Collator(processor, args.max_length)
+    folder = resolve_model_folder(args.model)
+    collator = Collator(DeepseekVLV2Processor.from_pretrained(folder), args.max_length, context_length(folder))
     problems = []
-    for name, examples in (("train", train), ("eval", evaluation or [])):
-        lengths, labels, images = [], 0, 0
-        for example in examples:
-            try:
-                sample = collator.sample(example)
-            except ValueError as error:  # too long, unreadable image, ...
-                text = str(error)
-                problems.append(text if text.startswith(example.source) else f"{example.source}:{example.line}: {text}")
-                continue
-            lengths.append(len(sample))
-            labels += int((sample.target_ids[1:] != processor.ignore_id).sum())
-            images += len(example.images)
-        if lengths:
+    for name, path, examples, format_problems in files:
+        sizes, token_problems = check_rows(collator, examples)
+        prefix = f"{Path(path)}:"
+        problems += sorted(format_problems + token_problems, key=lambda problem: line_number(problem, prefix))
+        if sizes:
+            lengths = [tokens for tokens, _, _ in sizes]
             print(
-                f"{name}: {len(lengths)} conversations, {images} images, tokens per conversation min {min(lengths)} "
-                f"median {statistics.median(lengths):.0f} max {max(lengths)}, {sum(lengths):,} tokens, "
-                f"{labels:,} answer (label) tokens"
+                f"{name}: {len(sizes)} conversations, {sum(images for *_, images in sizes)} images, tokens per "
+                f"conversation min {min(lengths)} median {statistics.median(lengths):.0f} max {max(lengths)}, "
+                f"{sum(lengths):,} tokens, {sum(labels for _, labels, _ in sizes):,} answer (label) tokens"
+                + (" (the valid rows)" if token_problems or format_problems else "")
             )
     for problem in problems:
         print(problem, file=sys.stderr)
@@ -154,6 +159,12 @@ def validate_command(args: argparse.Namespace, train: list, evaluation: list | N
         return 2
     print("all rows are valid")
     return 0
+
+
+def line_number(problem: str, prefix: str) -> int:
+    """The line of a "file:line: problem" message (0 for a whole-file one), to list problems in file order."""
+    line = problem.removeprefix(prefix).split(":", 1)[0]
+    return int(line) if line.isdigit() else 0
 
 
 def merge_command(args: argparse.Namespace) -> int:

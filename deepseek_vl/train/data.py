@@ -5,17 +5,22 @@ A row is one conversation, in either layout:
 - this package's: ``{"messages": [{"role": "user", "content": "<image>\\n...", "images": ["a.jpg"]},
   {"role": "assistant", "content": "..."}]}`` (multi-turn, text-only, several images);
 - ms-swift / ShareGPT: ``{"messages": [...], "images": ["a.jpg", ...]}`` with the images filling the ``<image>``
-  tags in order (``{"from": "human" | "gpt", "value": ...}`` turns are accepted too).
+  tags in order (``{"from": "human" | "gpt", "value": ...}`` turns are accepted too), and a top-level
+  ``"system": "..."`` as the system message (ms-swift's sharegpt layout has it).
 
 An assistant turn may carry ``"boxes": [{"label": "cat", "box_pixels": [x1, y1, x2, y2], "image": 0}]``: each box is
 written after the turn's text as ``<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2]]<|/det|>`` in the model's 0..999
 coordinates, exactly as the model emits it (``deepseek_vl.grounding.parse_grounding`` reads it back).
 
-Every problem is reported with its line number; nothing is silently dropped.
+Every problem is reported with its line number; nothing is silently dropped, and an unknown key is an error (a
+typo such as ``"bboxes"`` or ``"image"`` would otherwise train on a row missing what it meant to give).
 """
 
 from __future__ import annotations
 
+import codecs
+import difflib
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +36,9 @@ ROLE_NAMES = {
     "assistant": "assistant", "gpt": "assistant", "<|Assistant|>": "assistant",
     "system": "system",
 }  # fmt: skip
+ROW_KEYS = ("messages", "images", "system")
+MESSAGE_KEYS = ("role", "content", "from", "value", "images", "boxes")
+SHOWN_PROBLEMS = 20
 
 
 class DataError(ValueError):
@@ -38,8 +46,9 @@ class DataError(ValueError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        super().__init__(f"{len(problems)} bad row(s):\n  " + "\n  ".join(problems[:20]) + more)
+        more = len(problems) - SHOWN_PROBLEMS
+        tail = f"\n  ... and {more} more (deepseek-vl2 finetune --validate lists them all)" if more > 0 else ""
+        super().__init__(f"{len(problems)} bad row(s):\n  " + "\n  ".join(problems[:SHOWN_PROBLEMS]) + tail)
 
 
 @dataclass
@@ -69,24 +78,50 @@ def grounding_text(label: str, boxes_pixels: list[list[float]], image_size: tupl
 
 
 def read_jsonl(path: str | Path, check_images: bool = True) -> list[Example]:
-    """All rows of a JSONL file, or a DataError listing every bad row (line numbers from 1)."""
+    """All rows of a JSONL file, or a DataError listing every bad row (line numbers from 1).
+
+    Images are checked to exist and to have a readable header (their size places boxes); the full decode happens
+    when the rows are tokenised (collate.check_rows, which finetune runs on every row before loading the model).
+    """
+    examples, problems = scan_jsonl(path, check_images)
+    if problems:
+        raise DataError(problems)
+    return examples
+
+
+def scan_jsonl(path: str | Path, check_images: bool = True) -> tuple[list[Example], list[str]]:
+    """The good rows and a "file:line: problem" for each bad one, so that one pass reports them all.
+
+    Each line is decoded on its own (a stray non-UTF-8 byte spoils only its row); a UTF-8 BOM opening the file, as
+    some Windows editors write, is skipped.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"data {str(path)!r} is a folder; pass the JSONL file itself")
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     examples, problems = [], []
-    with path.open(encoding="utf-8") as lines:
-        for number, text in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                problems.append(
+                    f"{path}:{number}: not UTF-8 (byte 0x{raw[error.start]:02x} at byte {error.start + 1} of the "
+                    "line); save the file as UTF-8"
+                )
+                continue
             if not text.strip():
                 continue
             try:
                 examples.append(parse_row(text, number, path.parent, check_images, source=str(path)))
             except ValueError as error:
                 problems.append(f"{path}:{number}: {error}")
-    if problems:
-        raise DataError(problems)
-    if not examples:
-        raise DataError([f"{path}: no rows; each line must be one JSON conversation"])
-    return examples
+    if not examples and not problems:
+        problems.append(f"{path}: no rows; each line must be one JSON conversation")
+    return examples, problems
 
 
 def parse_row(text: str, line: int, root: Path, check_images: bool = True, source: str = "") -> Example:
@@ -97,6 +132,10 @@ def parse_row(text: str, line: int, root: Path, check_images: bool = True, sourc
         raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
     if not isinstance(row, dict) or not isinstance(row.get("messages"), list) or not row["messages"]:
         raise ValueError('a row must be an object with a non-empty "messages" list')
+    check_keys(row, ROW_KEYS, "the row")
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError('"system" must be a text (the system message)')
     shared = row.get("images", [])
     if not isinstance(shared, list) or not all(isinstance(p, str) for p in shared):
         raise ValueError('"images" must be a list of image paths')
@@ -104,6 +143,10 @@ def parse_row(text: str, line: int, root: Path, check_images: bool = True, sourc
     per_message = [p for m in messages for p in m.get("images", [])]
     if shared and per_message:
         raise ValueError('give images either per message or in the row\'s "images" list, not both')
+    if system is not None:
+        if any(m["role"] == "system" for m in messages):
+            raise ValueError('give the system message either as "system" or as a system message, not both')
+        messages.insert(0, {"role": "system", "content": system, "index": '"system"'})
     check_structure(messages)
     if shared:
         attach_shared_images(messages, shared)
@@ -122,9 +165,19 @@ def parse_row(text: str, line: int, root: Path, check_images: bool = True, sourc
     return Example(messages, line, source)
 
 
+def check_keys(entry: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    """An unknown key is a typo or a layout this reader does not know: name it and the nearest known key."""
+    for key in entry:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{where} has an unknown key {key!r}; {hint}the keys are {', '.join(known)}")
+
+
 def normalise_message(message: Any, index: int) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ValueError(f"message {index} must be an object with role and content")
+    check_keys(message, MESSAGE_KEYS, f"message {index}")
     role, content = message.get("role", message.get("from")), message.get("content", message.get("value"))
     if role not in ROLE_NAMES:
         raise ValueError(f"message {index} has role {role!r}; use user, assistant or system")
@@ -146,17 +199,28 @@ def normalise_message(message: Any, index: int) -> dict[str, Any]:
 
 
 def check_structure(messages: list[dict[str, Any]]) -> None:
+    """[system], user, assistant, user, assistant, ...: the turns the chat template renders and training learns."""
+    for message in messages:
+        if message["role"] != "user" and IMAGE_TAG in message["content"]:
+            where = f"message {message['index']} ({message['role']})"
+            raise ValueError(f"{where}: {IMAGE_TAG} may only appear in user messages")
     for message in messages[1:]:
         if message["role"] == "system":
             raise ValueError(f"message {message['index']}: a system message may only come first")
     turns = [m for m in messages if m["role"] != "system"]
-    if not turns or turns[-1]["role"] != "assistant":
+    if not turns or turns[0]["role"] != "user":
+        raise ValueError("the conversation must start with a user message (after an optional system message)")
+    for previous, message in itertools.pairwise(turns):
+        if message["role"] == previous["role"]:
+            raise ValueError(
+                f"messages {previous['index']} and {message['index']} are both {message['role']} messages; user and "
+                "assistant must alternate (merge the two, or add the missing turn between them)"
+            )
+    if turns[-1]["role"] != "assistant":
         raise ValueError("the conversation must end with an assistant message (the answer to learn)")
-    if not any(m["role"] == "assistant" and (m["content"].strip() or m.get("boxes")) for m in turns):
-        raise ValueError("no assistant message has text or boxes: there is nothing to learn")
     for message in turns:
-        if message["role"] == "assistant" and IMAGE_TAG in message["content"]:
-            raise ValueError(f"message {message['index']}: {IMAGE_TAG} may only appear in user messages")
+        if message["role"] == "assistant" and not (message["content"].strip() or message.get("boxes")):
+            raise ValueError(f"message {message['index']}: the assistant answer is empty; give it text or boxes")
 
 
 def attach_shared_images(messages: list[dict[str, Any]], images: list[str]) -> None:

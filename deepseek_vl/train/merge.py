@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
 
 
 def check_adapter_folder(adapter: str | os.PathLike) -> Path:
@@ -42,7 +44,38 @@ def merge_adapter(model: nn.Module, adapter: str | os.PathLike) -> nn.Module:
         from peft import PeftModel
     except ImportError:
         raise ValueError("loading an adapter needs peft: pip install 'deepseek-vl2[train]'") from None
+    check_adapter_fits(model, folder)
     return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+
+
+def check_adapter_fits(model: nn.Module, adapter: str | os.PathLike) -> None:
+    """Every adapter tensor must fit a layer of this model: one trained on another size (Tiny vs Small, ...) names
+    its base instead of failing deep in peft with a bare "size mismatch"."""
+    from safetensors import safe_open
+
+    folder = check_adapter_folder(adapter)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        return  # peft itself says which weights file is missing
+    modules, parameters = dict(model.named_modules()), dict(model.named_parameters())
+    misfits = []
+    with safe_open(folder / ADAPTER_WEIGHTS, "pt") as weights:
+        for key in weights.keys():  # noqa: SIM118 (safe_open is not iterable)
+            name, shape = key.removeprefix(PEFT_PREFIX), tuple(weights.get_slice(key).get_shape())
+            if ".lora_A." in name or ".lora_B." in name:  # A is (rank, in_features), B (out_features, rank)
+                is_a = ".lora_A." in name
+                layer = modules.get(name.split(".lora_A." if is_a else ".lora_B.")[0])
+                wants, got = getattr(layer, "in_features" if is_a else "out_features", None), shape[1 if is_a else 0]
+            else:  # a fully trained module's weight, saved whole
+                parameter = parameters.get(name)
+                wants, got = (None if parameter is None else tuple(parameter.shape)), shape
+            if wants != got:
+                misfits.append(f"{name} {got} (this model: {'no such layer' if wants is None else wants})")
+    if misfits:
+        trained_on = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+        raise ValueError(
+            f"the adapter {str(folder)!r} was trained on {trained_on or 'another model'}, not this model: "
+            f"{len(misfits)} of its tensors do not fit, e.g. {misfits[0]}; load it with the model it was trained on"
+        )
 
 
 def merge_to_checkpoint(
@@ -55,10 +88,12 @@ def merge_to_checkpoint(
     from deepseek_vl.chat import resolve_model_folder
     from deepseek_vl.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 
-    base = resolve_model_folder(model or base_model_of(adapter))
     output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"{str(output)!r} is not empty; choose a new folder for the merged checkpoint")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {str(output)!r} is a file; give a new folder for the merged checkpoint")
+    if output.is_dir() and any(output.iterdir()):
+        raise ValueError(f"--output {str(output)!r} is not empty; choose a new folder for the merged checkpoint")
+    base = resolve_model_folder(model or base_model_of(adapter))
     network = DeepseekVLV2ForCausalLM.from_pretrained(base, dtype=torch.float32)
     saved_dtype = checkpoint_dtype(base) if dtype == "auto" else getattr(torch, dtype)
     merged = merge_adapter(network, adapter).to(saved_dtype)

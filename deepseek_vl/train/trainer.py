@@ -9,22 +9,24 @@ inside the model, as in the official training code.
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from deepseek_vl.train.collate import Collator
-from deepseek_vl.train.data import Example
+from deepseek_vl.train.collate import Collator, check_rows, context_length
+from deepseek_vl.train.data import DataError, Example
 from deepseek_vl.train.lora import TrainableParts, apply_lora, count_parameters, prepare_full
 
 METHODS = ("lora", "qlora", "full")
@@ -33,6 +35,7 @@ FSDP_UNITS = ["DeepseekV2DecoderLayer", "Block"]  # the model's _no_split_module
 # after each unit's forward (ZeRO-3-like); accelerate gives the input embedding its own unit, the rest is the root unit.
 FSDP_CONFIG = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "transformer_layer_cls_to_wrap": FSDP_UNITS,
                "reshard_after_forward": True}  # fmt: skip
+RUN_FILE = "finetune_run.json"  # in --output and each checkpoint-N: what --resume must match
 
 
 @dataclass
@@ -70,15 +73,102 @@ class FinetuneConfig:
 
 @dataclass
 class Summary:
+    """This run's numbers: after --resume, steps, tokens and tokens/s count only the steps run now."""
+
     trainable_parameters: int
     total_parameters: int
     steps: int
-    train_loss: float
+    train_loss: float  # mean over this run's steps
     tokens: int
     tokens_per_second: float
     peak_memory_bytes: int
     seconds: float
     eval_loss: float | None = None
+    last_loss: float = math.nan  # the last logged train loss (of the final step)
+    start_step: int = 0  # the step resumed from
+    final_step: int = 0
+
+
+def model_reference(model: str) -> str:
+    """How a run names its base model (adapters record it): an absolute path for a local folder, else the Hub id."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
+def check_config(config: FinetuneConfig) -> None:
+    """Refuse settings that would be silently ignored or would not do what the README promises."""
+    if config.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
+    if config.parts.lora_vision and config.parts.train_vision:
+        raise ValueError("choose one of --lora-vision and --train-vision")
+    if config.method == "full":
+        lora_only = {"--lora-experts": config.parts.lora_experts, "--train-router": config.parts.train_router,
+                     "--lora-vision": config.parts.lora_vision}  # fmt: skip
+        given = [flag for flag, on in lora_only.items() if on]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: LoRA settings, ignored by --method full, which trains every language-model "
+                "weight (routed experts and routers included); drop them (for the vision tower: --train-vision)"
+            )
+        if config.dtype == "bfloat16":
+            raise ValueError(
+                "--method full keeps float32 master weights (bf16 mixed precision on a GPU is automatic): drop "
+                "--dtype bfloat16, whose pure bf16 weights would lose small updates to rounding"
+            )
+
+
+def run_record(config: FinetuneConfig) -> dict[str, Any]:
+    """The settings a checkpoint's weights and optimizer state depend on."""
+    record = {"method": config.method, "model": model_reference(config.model)}
+    if config.method != "full":
+        record["lora_rank"] = config.lora_rank
+    return record | {"parts": asdict(config.parts)}
+
+
+def prepare_output(config: FinetuneConfig) -> str | None:
+    """Check --output before anything loads; the checkpoint to resume from (None for a fresh run).
+
+    A fresh run needs an empty or new folder: Trainer would mix its checkpoints with a previous run's, and
+    --resume would later pick the highest-numbered one, whichever run it came from.
+    """
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {str(output)!r} is a file; give a folder for the adapter and checkpoints")
+    if not config.resume:
+        if output.is_dir() and any(output.iterdir()):
+            raise ValueError(
+                f"--output {str(output)!r} is not empty (a previous run?); choose a new folder, or pass --resume to "
+                "continue the run saved there"
+            )
+        return None
+    if config.resume is True:
+        checkpoint = get_last_checkpoint(str(output)) if output.is_dir() else None
+        if checkpoint is None:
+            raise ValueError(f"--resume: no {PREFIX_CHECKPOINT_DIR}-N folder in {str(output)!r} to continue from")
+    else:
+        checkpoint = str(config.resume)
+        if not Path(checkpoint).is_dir():
+            raise ValueError(f"--resume {checkpoint!r} is not a folder; pass a {PREFIX_CHECKPOINT_DIR}-N folder")
+    check_checkpoint(Path(checkpoint), config)
+    return checkpoint
+
+
+def check_checkpoint(checkpoint: Path, config: FinetuneConfig) -> None:
+    """The checkpoint must come from a run like this one: another method or model would fail to load or mix runs."""
+    record_file, ours = checkpoint / RUN_FILE, run_record(config)
+    if record_file.is_file():
+        saved = json.loads(record_file.read_text(encoding="utf-8"))
+    else:  # from before run records: its files still tell an adapter from a full model
+        adapter = (checkpoint / "adapter_config.json").is_file()
+        saved = {"method": "lora or qlora" if adapter else "full"} if adapter == (config.method == "full") else {}
+    differ = [
+        f"{key} {saved[key]!r} (this run: {value!r})" for key, value in ours.items() if saved.get(key, value) != value
+    ]
+    if differ:
+        raise ValueError(
+            f"cannot resume from {str(checkpoint)!r}: it was trained with {'; '.join(differ)}; resume with the same "
+            "settings, or start a new run in an empty --output"
+        )
 
 
 def resolve_dtype(name: str, method: str) -> torch.dtype:
@@ -88,16 +178,15 @@ def resolve_dtype(name: str, method: str) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and method != "full" else torch.float32
 
 
-def load_model(config: FinetuneConfig):
-    """The base model (4-bit NF4 for QLoRA) wrapped for the method, and its processor."""
+def load_model(config: FinetuneConfig, processor=None):
+    """The base model (4-bit NF4 for QLoRA) wrapped for the method, and its processor (loaded unless given)."""
     from deepseek_vl.chat import resolve_model_folder
     from deepseek_vl.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 
-    if config.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
+    check_config(config)
     set_seed(config.seed)  # the LoRA initialisation is random: same seed, same run, however many processes
     folder = resolve_model_folder(config.model)
-    processor = DeepseekVLV2Processor.from_pretrained(folder)
+    processor = processor or DeepseekVLV2Processor.from_pretrained(folder)
     dtype = resolve_dtype(config.dtype, config.method)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if config.method == "qlora":  # deepseek_vl.quantization's nf4: bitsandbytes Linear4bit (CPU or CUDA)
@@ -105,13 +194,14 @@ def load_model(config: FinetuneConfig):
         kwargs.update(quantize="nf4", device_map=str(PartialState().device))  # this process's GPU, or the CPU
     model = DeepseekVLV2ForCausalLM.from_pretrained(folder, **kwargs)
     model.config.use_cache = False
+    # recorded in the adapter as its base model: a relative folder would not resolve from elsewhere
+    model.name_or_path = model.config._name_or_path = model_reference(config.model)
     if config.method == "qlora":
         # peft wraps a Linear4bit with its 4-bit LoRA layer (whose merge dequantizes) only on a model marked so. Not
         # peft's prepare_model_for_kbit_training: it would upcast the unquantized vision tower, embeddings and lm_head
         # to float32; norms and routers already compute in float32, and Trainer's non-reentrant checkpointing needs
         # no input gradients.
         model.is_loaded_in_4bit = True
-        model.name_or_path = model.config._name_or_path = str(folder)  # recorded in the adapter as its base model
     if config.method == "full":
         return prepare_full(model, config.parts), processor
     return apply_lora(model, config.parts, config.lora_rank, config.lora_alpha, config.lora_dropout), processor
@@ -196,44 +286,98 @@ class FinetuneTrainer(Trainer):
 def build_trainer(
     config: FinetuneConfig, model, processor, train: list[Example], evaluation: list[Example] | None
 ) -> Trainer:
+    context = model.config.language_config.max_position_embeddings
     trainer = FinetuneTrainer(
         model=model,
         args=training_arguments(config, bool(evaluation)),
-        data_collator=Collator(processor, config.max_length),
+        data_collator=Collator(processor, config.max_length, context),
         train_dataset=train,
         eval_dataset=evaluation or None,
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LineProgress())
+    trainer.add_callback(RunCallback(run_record(config)))
     return trainer
 
 
 def finetune(config: FinetuneConfig, train: list[Example], evaluation: list[Example] | None = None) -> Summary:
-    """Train, save the adapter (or the full model) and the processor to config.output, and summarise."""
-    model, processor = load_model(config)
+    """Check, train, save the adapter (or the full model) and the processor to config.output, and summarise.
+
+    Every row is tokenised (images decoded, lengths checked against --max-length and the model's context) before
+    the model loads: a bad row would otherwise stop the run when it comes up, with nothing saved.
+    """
+    from deepseek_vl.chat import resolve_model_folder
+    from deepseek_vl.models import DeepseekVLV2Processor
+
+    check_config(config)
+    checkpoint = prepare_output(config)
+    folder = resolve_model_folder(config.model)
+    processor = DeepseekVLV2Processor.from_pretrained(folder)
+    collator = Collator(processor, config.max_length, context_length(folder))
+    _, problems = check_rows(collator, [*train, *(evaluation or [])])
+    if problems:
+        raise DataError(problems)
+    model, processor = load_model(config, processor)
     trainer = build_trainer(config, model, processor, train, evaluation)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=config.resume or None)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     trainer.save_model(config.output)
     if trainer.is_world_process_zero():
         processor.save_pretrained(config.output)
-    eval_loss = trainer.evaluate()["eval_loss"] if evaluation else None
+        write_run_record(Path(config.output), run_record(config))
+    state = trainer.state
+    evaluated = [entry for entry in state.log_history if "eval_loss" in entry]
+    if not evaluation:
+        eval_loss = None
+    elif evaluated and evaluated[-1]["step"] == state.global_step:  # Trainer just evaluated the final weights
+        eval_loss = evaluated[-1]["eval_loss"]
+    else:
+        eval_loss = trainer.evaluate()["eval_loss"]
     trainable, total = count_parameters(model)
-    tokens = int(trainer.state.num_input_tokens_seen)
+    run = next(callback for callback in trainer.callback_handler.callbacks if isinstance(callback, RunCallback))
+    tokens = int(state.num_input_tokens_seen) - run.start_tokens
+    losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     return Summary(
         trainable_parameters=trainable,
         total_parameters=total,
-        steps=trainer.state.global_step,
+        steps=state.global_step - run.start_step,
         train_loss=result.training_loss,
         tokens=tokens,
         tokens_per_second=tokens / seconds if seconds else math.nan,
         peak_memory_bytes=peak_memory(),
         seconds=seconds,
         eval_loss=eval_loss,
+        last_loss=losses[-1] if losses else math.nan,
+        start_step=run.start_step,
+        final_step=state.global_step,
     )
+
+
+def write_run_record(folder: Path, record: dict[str, Any]) -> None:
+    (folder / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+class RunCallback(TrainerCallback):
+    """Remembers where this run started (for the summary after --resume), logs the final step's loss even when it
+    is not a --logging-steps multiple, and writes the run record into each checkpoint (checked by --resume)."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+        self.start_step = self.start_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_step, self.start_tokens = state.global_step, int(state.num_input_tokens_seen)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_run_record(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", self.record)
 
 
 def peak_memory() -> int:
@@ -262,12 +406,16 @@ class LineProgress(ProgressCallback):
 
 def format_summary(summary: Summary, output: str) -> str:
     share = summary.trainable_parameters / max(summary.total_parameters, 1)
+    resumed = f" (resumed at step {summary.start_step}, now at {summary.final_step})" if summary.start_step else ""
     lines = [
-        f"trained {summary.steps} steps in {summary.seconds:.1f} s; final train loss {summary.train_loss:.4f}"
-        + (f", eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else ""),
+        f"trained {summary.steps} steps{resumed} in {summary.seconds:.1f} s; last train loss {summary.last_loss:.4f}, "
+        f"mean over this run {summary.train_loss:.4f}"
+        + (f"; eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else ""),
         f"trainable parameters {summary.trainable_parameters:,} of {summary.total_parameters:,} ({share:.2%})",
-        f"{summary.tokens:,} tokens, {summary.tokens_per_second:,.1f} tokens/s; peak memory "
-        f"{summary.peak_memory_bytes / 2**30:.2f} GiB",
+        (
+            f"{summary.tokens:,} tokens, {summary.tokens_per_second:,.1f} tokens/s; peak memory "
+            f"{summary.peak_memory_bytes / 2**30:.2f} GiB"
+        ),
         f"saved to {Path(output).resolve()}",
     ]
     return "\n".join(lines)
