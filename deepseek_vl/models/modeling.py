@@ -8,7 +8,6 @@ row and a learned ``view_seperator`` between the global and local views, then sc
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
+from ..utils.checkpoint import check_model_folder, read_json_file
 from ..utils.loading import HUB_KEYWORDS, cast_releasing_pages, load_at_stored_dtype
 from .cache import InPlaceCache
 from .configuration import DeepseekVLV2Config
@@ -38,10 +38,13 @@ def saved_quantization(path: str | os.PathLike, **hub) -> dict | None:
     config_file = Path(path) / hub.get("subfolder", "") / "config.json"
     if not config_file.is_file():
         try:
-            config_file = Path(cached_file(str(path), "config.json", **hub))
+            found = cached_file(str(path), "config.json", **hub)
         except OSError:
+            found = None
+        if found is None:
             return None  # let from_pretrained report the missing folder or repo
-    return json.loads(config_file.read_text()).get("quantization")
+        config_file = Path(found)
+    return read_json_file(config_file).get("quantization")
 
 
 def generation_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -92,6 +95,9 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
         """
         quantize = kwargs.pop("quantize", None)
         hub = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
+        local = Path(pretrained_model_name_or_path) / hub.get("subfolder", "")
+        if local.is_dir() and kwargs.get("config") is None and kwargs.get("state_dict") is None:
+            check_model_folder(local)  # a missing, unreadable, damaged or foreign file: one error naming it
         if quantize is not None or saved_quantization(pretrained_model_name_or_path, **hub) is not None:
             from ..quantization import load_quantized
 

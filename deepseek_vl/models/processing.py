@@ -31,6 +31,8 @@ from transformers import AutoProcessor, PreTrainedTokenizerFast
 from deepseek_vl.models.chat_template import apply_chat_template
 from deepseek_vl.models.configuration import DeepseekVLV2Config
 from deepseek_vl.models.conversation import get_conv_template
+from deepseek_vl.options import ModelLoadError
+from deepseek_vl.utils.checkpoint import damaged_json_file, read_json_file
 from deepseek_vl.utils.io import load_image, load_pil_images
 
 __all__ = [
@@ -243,11 +245,19 @@ class DeepseekVLV2Processor:
                 raise FileNotFoundError(f"Hub repo {source!r} has no {PROCESSOR_CONFIG_NAME}.") from error
             tokenizer_source = source
 
-        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        config = read_json_file(Path(config_file))
+        if not isinstance(config, dict):
+            raise ModelLoadError(f"{config_file} must hold a JSON object, not {type(config).__name__}")
         config = {key: value for key, value in config.items() if key in _CONFIG_KEYS} | kwargs
         # tokenizer.json fully describes the tokenizer. The official tokenizer_config.json names LlamaTokenizer, for
         # which AutoTokenizer loads this same fast tokenizer with advice to edit that file: ask for it directly.
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_source, **hub_kwargs)
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_source, **hub_kwargs)
+        except Exception as error:  # tokenizers raises a bare Exception; none of its errors names the file
+            damaged = damaged_json_file(Path(config_file).parent, (*TOKENIZER_FILES, "config.json"))
+            if damaged is None:
+                raise
+            raise damaged from error
         _restore_special_token_flags(tokenizer, Path(config_file).with_name("tokenizer_config.json"))
         return cls(tokenizer, **config)
 
