@@ -1,5 +1,6 @@
 """`deepseek-vl2 batch` on the golden Tiny checkpoint: per-line errors, resume by id or request hash after edits,
---retry-errors, exit status, input split on "\\n" only. One subprocess run end to end; the others in-process with
+stale answers answered again, --retry-errors, exit status, input split on "\\n" only, a file that is not an OUTPUT
+never overwritten. One subprocess run end to end; the others in-process with
 the session's loaded model, since what they check is the bookkeeping around it."""
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def test_resume_survives_edits_and_retries_errors_when_asked(tmp_path: Path, loa
     assert loads == []
 
 
-def test_lines_without_ids_match_by_request_and_dropped_lines_are_kept(tmp_path: Path, loads: list[str]) -> None:
+def test_lines_without_ids_match_by_request_and_dropped_answers_move_aside(tmp_path: Path, loads: list[str]) -> None:
     requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
     one, two = json.dumps({"prompt": "One."}), json.dumps({"prompt": "Two.", "max_new_tokens": 2})
     requests.write_text(f"{one}\n{two}\n{two}\n")  # identical lines get one answer each
@@ -133,8 +134,86 @@ def test_lines_without_ids_match_by_request_and_dropped_lines_are_kept(tmp_path:
     requests.write_text(f'{two}\n{{ "prompt" :  "One." }}\n')  # reordered, reformatted, one copy removed
     assert run_batch(str(requests), str(answers)) == 0
     second = records(answers)
-    assert [(r["line"], r["text"]) for r in second[:2]] == [(1, first[1]["text"]), (2, first[0]["text"])]
-    assert second[2]["text"] == first[2]["text"]  # the answer of the removed line is kept, at the end
+    assert [(r["line"], r["text"]) for r in second] == [(1, first[1]["text"]), (2, first[0]["text"])]
+    assert records(tmp_path / "answers.stale.jsonl") == [first[2]]  # the removed line's answer, not lost
+
+
+def test_edited_lines_are_answered_again_and_output_keeps_one_record_per_line(
+    tmp_path: Path, loads: list[str], capsys
+) -> None:
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    lines = [{"id": "broken", "prompt": "Hi", "images": ["missing.png"]}, {"id": "kept", "prompt": "Hello"},
+             {"id": "edited", "prompt": "Old question"}, {"prompt": "No id, old"}]  # fmt: skip
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert run_batch(str(requests), str(answers)) == 1
+    first = records(answers)
+    answers.write_bytes(answers.read_bytes().rstrip(b"\n"))  # a last record without its "\n" is kept as it is
+
+    # the broken line fixed in INPUT (no --retry-errors needed), one line with an id and one without edited
+    lines[0], lines[2]["prompt"], lines[3]["prompt"] = {"id": "broken", "prompt": "Hi"}, "New question", "No id, new"
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    capsys.readouterr()
+    assert run_batch(str(requests), str(answers)) == 0
+    assert "3 lines answered (0 errors), 1 already done" in capsys.readouterr().err
+    second = records(answers)
+    assert [(r["line"], r["id"]) for r in second] == [(1, "broken"), (2, "kept"), (3, "edited"), (4, None)]
+    assert second[1] == first[1] and "error" not in second[0]
+    assert second[2]["request_sha256"] != first[2]["request_sha256"]  # the new question's answer, not the stale one
+    assert records(tmp_path / "answers.stale.jsonl") == first[2:]  # the edited lines' old answers; errors dropped
+
+
+def test_a_file_that_is_not_an_output_is_never_overwritten(tmp_path: Path, loads: list[str], capsys) -> None:
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": "a", "prompt": "Hi"}) + "\n" + json.dumps({"prompt": "Yo"}) + "\n")
+    assert run_batch(str(requests), str(answers)) == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text('my notes\n{"id": "a", "line": 1, "text": "x"}\nno newline at the end')
+    before = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    capsys.readouterr()
+    for source, target in ((answers, requests), (requests, notes)):  # INPUT and OUTPUT swapped; a file of notes
+        assert run_batch(str(source), str(target)) == 2
+        err = capsys.readouterr().err
+        assert f"{str(target)!r} is not an OUTPUT of deepseek-vl2 batch (line 1 " in err and err.count("\n") == 1
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert loads == [loads[0]]  # loaded for the first run only
+
+
+def test_bad_options_fail_their_own_line(tmp_path: Path, loads: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepseek_vl import options
+
+    real = options.GenerationOptions
+
+    def unchecked(**values):  # a TypeError the options do not turn into a ValueError themselves
+        if values.get("seed") == 7:
+            raise TypeError("'int' object is not iterable")
+        return real(**values)
+
+    monkeypatch.setattr(options, "GenerationOptions", unchecked)
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    lines = [{"id": "int", "prompt": "Hi", "stop": 5}, {"id": "list", "prompt": "Hi", "stop": ["x", 5]},
+             {"id": "type", "prompt": "Hi", "seed": 7}, {"id": "ok", "prompt": "Hi"}]  # fmt: skip
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert run_batch(str(requests), str(answers)) == 1
+    by_id = {r["id"]: r for r in records(answers)}
+    assert "stop must be" in by_id["int"]["error"] and "stop must be" in by_id["list"]["error"]
+    assert by_id["type"]["error"].startswith("bad options {") and "not iterable" in by_id["type"]["error"]
+    assert "error" not in by_id["ok"]
+
+
+def test_input_may_start_with_a_bom_and_a_line_that_is_not_utf8_fails(tmp_path: Path, loads: list[str], capsys) -> None:
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_bytes(b'\xef\xbb\xbf{"id": "bom", "prompt": "Hi"}\n{"id": "latin1", "prompt": "caf\xe9"}\n')
+    assert run_batch(str(requests), str(answers)) == 1
+    first, second = records(answers)
+    assert first["id"] == "bom" and "error" not in first
+    assert second["line"] == 2 and second["error"] == "not UTF-8 (byte 32 of the line): save INPUT as UTF-8"
+    assert "line 2: not UTF-8" in capsys.readouterr().err
+
+
+def test_shard_and_merge_do_not_go_together(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["batch", "in.jsonl", "out.jsonl", "--shard", "1/2", "--merge", "2"])
+    assert exit_info.value.code == 2 and "--merge: not allowed with argument --shard" in capsys.readouterr().err
 
 
 def test_input_is_split_on_newlines_only_and_a_failing_line_does_not_stop_the_run(
@@ -167,16 +246,21 @@ def test_input_is_split_on_newlines_only_and_a_failing_line_does_not_stop_the_ru
         (lambda d: (d / "in.jsonl", d / "no" / "out.jsonl"), "its folder does not exist"),
         (lambda d: (d / "in.jsonl", d / "in.jsonl"), "different file"),
         (lambda d: (d / "dup.jsonl", d / "out.jsonl"), "have the same id 'x'"),
+        (lambda d: (d, d / "out.jsonl"), "is a directory: give a JSONL or Parquet file"),
+        (lambda d: (d / "in.jsonl", d), "it is a directory; give OUTPUT as a file path"),
+        (lambda d: (d / "in.jsonl", d / "dup.jsonl"), "is not an OUTPUT of deepseek-vl2 batch"),
     ],
 )
 def test_problems_found_before_the_model_loads(tmp_path: Path, loads: list[str], capsys, make, message) -> None:
     (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "Hi"}) + "\n")
     (tmp_path / "dup.jsonl").write_text('{"id": "x", "prompt": "a"}\n{"id": "x", "prompt": "b"}\n')
+    before = {path: path.read_bytes() for path in tmp_path.iterdir()}
     source, target = make(tmp_path)
     assert run_batch(str(source), str(target)) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert loads == []
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == before  # nothing written
 
 
 def test_unusable_image_paths_fail_their_own_line_only(tmp_path: Path, loads: list[str]) -> None:

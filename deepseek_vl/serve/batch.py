@@ -2,13 +2,16 @@
 
 Each answer is appended to OUTPUT as soon as its batch finishes, so a killed run loses at most one batch. A rerun
 matches the records already in OUTPUT to the input lines by `id` (or, for a line without one, by a hash of its
-request), so lines may be fixed, inserted or reordered between runs without losing answers. At the end OUTPUT is
-rewritten in input order, one record per line.
+request) and by the request's hash, so lines may be fixed, edited, inserted or reordered between runs and only
+those are answered again. At the end OUTPUT is rewritten in input order, one record per line; answers that no
+longer match a line are moved to answers.stale.jsonl beside answers.jsonl, not lost. A file that is not an OUTPUT
+of this command (INPUT given as OUTPUT, say) is never overwritten.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import hashlib
 import json
 import os
@@ -36,8 +39,11 @@ DESCRIPTION = """\
 Answer a JSONL file of requests, several at a time (one batched forward per token), appending one JSON record
 per request to OUTPUT. Re-running with the same OUTPUT answers only what is missing: records are matched to input
 lines by "id" (by a hash of the request for lines without one), so an interrupted run resumes, and a line that
-was fixed or inserted is answered without redoing the others. Lines that failed are retried with --retry-errors.
-When the run ends OUTPUT is rewritten in input order. The exit status is 1 if any line has an error.
+was fixed, edited or inserted is answered without redoing the others. Lines that failed and are unchanged (say,
+an image that was missing) are retried with --retry-errors. When the run ends OUTPUT holds one record per input
+line, in input order; answers that no longer match a line (edited or removed) are moved to answers.stale.jsonl
+for an OUTPUT answers.jsonl. OUTPUT must be new or an earlier OUTPUT: any other file is refused. INPUT is UTF-8.
+The exit status is 1 if any line has an error.
 
 Input lines:
   {"id": "q1", "messages": [{"role": "user", "content": "What is shown?", "images": ["cat.jpg"]}]}
@@ -74,12 +80,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="answer again the lines whose record in OUTPUT is an error (e.g. after fixing a missing image)",
     )  # fmt: skip
     scale = parser.add_argument_group("scale-out (see README: Scale-out and evaluation)")
-    scale.add_argument(
+    shard_or_merge = scale.add_mutually_exclusive_group()  # shards are answered first, then merged by another run
+    shard_or_merge.add_argument(
         "--shard", type=_shard, metavar="I/N",
         help="answer only shard I of N (0 <= I < N: every N-th request from the I-th) into OUTPUT.shard-I-of-N; "
         "e.g. --shard $SLURM_ARRAY_TASK_ID/8",
     )  # fmt: skip
-    scale.add_argument(
+    shard_or_merge.add_argument(
         "--merge", type=positive_int, metavar="N",
         help="combine the N shard outputs of OUTPUT into OUTPUT, in input order; loads no model",
     )  # fmt: skip
@@ -108,12 +115,14 @@ def _shard(text: str) -> tuple[int, int]:
 class Request:
     """One input line: its conversation and options, the key its answer is found by, or why it cannot be answered."""
 
-    def __init__(self, line: int, text: str, base: Path, defaults: dict[str, Any]) -> None:
-        self.line, self.id, self.error = line, None, None
+    def __init__(self, line: int, text: str, base: Path, defaults: dict[str, Any], problem: str | None = None) -> None:
+        self.line, self.id, self.error = line, None, problem
         self.messages: list[dict[str, Any]] = []
         self.images: list | None = None
         self.options: dict[str, Any] = {}
         self.sha256 = hashlib.sha256(text.strip().encode()).hexdigest()
+        if problem is not None:  # e.g. the line is not UTF-8
+            return
         try:
             self._parse(text, base, defaults)
         except ValueError as error:
@@ -147,7 +156,11 @@ class Request:
         self.options = defaults | {key: data[key] for key in LINE_OPTIONS if key in data}
         from deepseek_vl.options import GenerationOptions
 
-        GenerationOptions(**{key: value for key, value in self.options.items() if key in GENERATION_KEYS})
+        options = {key: value for key, value in self.options.items() if key in GENERATION_KEYS}
+        try:
+            GenerationOptions(**options)
+        except TypeError as error:  # a type the options do not check themselves: still this line's error only
+            raise ValueError(f"bad options {json.dumps(options)}: {error}") from error
 
     def group_key(self) -> str:
         return json.dumps(self.options, sort_keys=True)
@@ -163,15 +176,17 @@ def _relative_to(sources: Any, base: Path) -> Any:
 
 
 def read_requests(source: Path, defaults: dict[str, Any]) -> list[Request]:
-    """The non-blank lines of a JSONL file. Lines end at "\\n" only: JSON strings may hold U+2028 and friends."""
+    """The non-blank lines of a JSONL file (UTF-8, with or without a BOM). Lines end at "\\n" only: JSON strings may
+    hold U+2028 and friends."""
     if source.suffix == ".parquet":
         from deepseek_vl.distributed import parquet_lines
 
-        lines = parquet_lines(source)
+        lines: list[tuple[str, str | None]] = [(line, None) for line in parquet_lines(source)]
     else:
-        text = source.read_bytes().decode("utf-8", errors="replace")
-        lines = [line.removesuffix("\r") for line in text.split("\n")]
-    requests = [Request(n, line, source.resolve().parent, defaults) for n, line in enumerate(lines, 1) if line.strip()]
+        data = source.read_bytes().removeprefix(codecs.BOM_UTF8)
+        lines = [_decode(raw.removesuffix(b"\r")) for raw in data.split(b"\n")]
+    base = source.resolve().parent
+    requests = [Request(n, text, base, defaults, error) for n, (text, error) in enumerate(lines, 1) if text.strip()]
     seen: dict[str, int] = {}
     for request in requests:
         if request.id is not None and request.key in seen:
@@ -188,33 +203,48 @@ def read_requests(source: Path, defaults: dict[str, Any]) -> list[Request]:
     return requests
 
 
+def _decode(raw: bytes) -> tuple[str, str | None]:
+    """A line's text, and its error if it is not UTF-8: the line fails rather than asking with U+FFFD in the prompt."""
+    try:
+        return raw.decode(), None
+    except UnicodeDecodeError as error:
+        return raw.decode(errors="replace"), f"not UTF-8 (byte {error.start + 1} of the line): save INPUT as UTF-8"
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     source, target = Path(args.input), Path(args.output)
+    if args.shard:
+        target = _shard_path(target, *args.shard)
+    stale_path = target.with_name(f"{target.stem}.stale{target.suffix}")
     if not source.is_file():
-        raise CLIError(f"input file {args.input!r} does not exist")
+        raise CLIError(f"input file {args.input!r} {_what_is(source)}: give a JSONL or Parquet file")
+    for path in (target, stale_path):
+        if path.exists() and not path.is_file():
+            raise CLIError(f"cannot write {str(path)!r}: it {_what_is(path)}; give OUTPUT as a file path")
     if not target.resolve().parent.is_dir():
-        raise CLIError(f"cannot write {args.output!r}: its folder does not exist")
+        raise CLIError(f"cannot write {str(target)!r}: its folder does not exist")
     if target.exists() and target.resolve() == source.resolve():
         raise CLIError("OUTPUT must be a different file from INPUT")
+    records, intact = _read_records(target)  # before anything is written: refuses a file that is not an OUTPUT
     defaults = {key: value for key, value in generation_options(args).items() if key in LINE_OPTIONS}
     requests = read_requests(source, defaults)
     if args.merge:
         return _merge(target, requests, args.merge)
     if args.shard:
-        requests, target = requests[args.shard[0] :: args.shard[1]], _shard_path(target, *args.shard)
-    records = _read_records(target)
-    done = {_record_key(record): record for record in records}
+        requests = requests[args.shard[0] :: args.shard[1]]
+    done = _answers(requests, records)
     todo = [r for r in requests if r.key not in done or (args.retry_errors and "error" in done[r.key])]
     # Errors kept from an earlier run (with --retry-errors they are in todo instead).
-    earlier_errors = 0 if args.retry_errors else sum("error" in done[r.key] for r in requests if r.key in done)
+    earlier_errors = 0 if args.retry_errors else sum("error" in record for record in done.values())
     if args.ray:
         answered = _answer_on_ray(todo, args)
     else:
         pipe = load_chat(args) if any(request.error is None for request in todo) else None
         answered = _answer_with_engine(pipe, todo, args)
     errors = 0
+    _end_records(target, intact)
     with (
         target.open("a", encoding="utf-8") as out,
         tqdm(
@@ -234,8 +264,15 @@ def run(args: argparse.Namespace) -> int:
             out.flush()
             records.append(record)
             bar.update(1)
-    _rewrite_in_input_order(target, requests, records)
+    answers = _answers(requests, records)
+    kept = {id(record) for record in answers.values()}
+    if stale := [record for record in records if id(record) not in kept and "error" not in record]:
+        with stale_path.open("a", encoding="utf-8") as out:  # before OUTPUT is rewritten without them
+            out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in stale)
+    _write_records(target, [answers[r.key] | {"line": r.line} for r in requests if r.key in answers])
     summary = f"{len(todo)} lines answered ({errors} errors), {len(requests) - len(todo)} already done: {target}"
+    if stale:
+        summary += f"; {len(stale)} answers to lines since edited or removed moved to {stale_path}"
     if earlier_errors:
         summary += f"; {earlier_errors} lines failed in an earlier run: pass --retry-errors to retry them"
     print(summary, file=sys.stderr)
@@ -313,9 +350,8 @@ def _merge(target: Path, requests: list[Request], count: int) -> int:
     paths = [_shard_path(target, index, count) for index in range(count)]
     if missing := [str(path) for path in paths if not path.is_file()]:
         raise CLIError(f"missing shard outputs {missing}: run every --shard I/{count} first")
-    records = [record for path in paths for record in _read_records(path)]
-    _rewrite_in_input_order(target, requests, records)
-    answered = {_record_key(record): record for record in records}
+    answered = _answers(requests, [record for path in paths for record in _read_records(path)[0]])
+    _write_records(target, [answered[r.key] | {"line": r.line} for r in requests if r.key in answered])
     unanswered = [r.line for r in requests if r.key not in answered]
     failed = [r.line for r in requests if "error" in answered.get(r.key, {})]
     summary = f"merged {count} shards: {len(requests) - len(unanswered)} of {len(requests)} lines answered"
@@ -323,46 +359,73 @@ def _merge(target: Path, requests: list[Request], count: int) -> int:
     return 1 if unanswered or failed else 0
 
 
-def _read_records(target: Path) -> list[dict[str, Any]]:
-    """The records already in OUTPUT; a last line cut off mid-write is removed first."""
+def _what_is(path: Path) -> str:
+    return "is a directory" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+
+
+def _read_records(target: Path) -> tuple[list[dict[str, Any]], int]:
+    """The records already in OUTPUT, and the length of OUTPUT without a last record cut off by a killed run. Any
+    other content is refused, so that a file which is not this command's (INPUT given as OUTPUT) is never replaced."""
     if not target.exists():
-        return []
+        return [], 0
     data = target.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        with target.open("r+b") as file:
-            file.truncate(len(complete))
+    lines = data.split(b"\n")
     records = []
-    for raw in complete.split(b"\n"):
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
         try:
             record = json.loads(raw)
         except ValueError:
-            continue
-        if isinstance(record, dict):
+            record = None
+        if _is_record(record):
             records.append(record)
-    return records
+        elif number == len(lines) and raw.startswith(b'{"id": '):  # the last line, without its "\n": cut off
+            return records, len(data) - len(raw)
+        else:
+            raise CLIError(
+                f"{str(target)!r} is not an OUTPUT of deepseek-vl2 batch (line {number} is not an answer record) and "
+                "is left as it is: give a new OUTPUT file, or an earlier one to resume (INPUT comes first)"
+            )
+    return records, len(data)
 
 
-def _record_key(record: dict[str, Any]) -> str | None:
-    if record.get("id") is not None:
-        return f"id:{json.dumps(record['id'])}"
-    return f"sha256:{record['request_sha256']}" if isinstance(record.get("request_sha256"), str) else None
+def _is_record(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and "id" in value
+        and isinstance(value.get("line"), int)
+        and isinstance(value.get("request_sha256"), str)
+        and ("text" in value or "error" in value)
+    )
 
 
-def _rewrite_in_input_order(target: Path, requests: Sequence[Request], records: list[dict[str, Any]]) -> None:
-    """One record per input line, in input order (the newest for each); answers to lines no longer in the input
-    are kept at the end (their errors are dropped). Written to a new file then renamed, so a crash leaves the old
-    OUTPUT intact."""
-    latest = {_record_key(record): record for record in records if _record_key(record) is not None}
-    ordered = [latest[r.key] | {"line": r.line} for r in requests if r.key in latest]
-    current = {r.key for r in requests}
-    stale = []
-    for record in records:
-        key = _record_key(record)
-        if "error" not in record and key not in current and (key is None or latest[key] is record):
-            stale.append(record)
+def _end_records(target: Path, intact: int) -> None:
+    """Before appending to OUTPUT: remove a record cut off by a killed run, end a last record that lacks its "\\n"."""
+    if not target.exists():
+        return
+    with target.open("r+b") as file:
+        file.truncate(intact)
+        if intact:
+            file.seek(intact - 1)
+            if file.read(1) != b"\n":
+                file.write(b"\n")
+
+
+def _answers(requests: Sequence[Request], records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The record that answers each request, by request key: the newest with its key and its request hash. A record
+    for an earlier version of the line (another hash) is stale: the line is answered again."""
+    newest = {(_record_key(record), record["request_sha256"]): record for record in records}
+    return {r.key: newest[r.key, r.sha256] for r in requests if (r.key, r.sha256) in newest}
+
+
+def _record_key(record: dict[str, Any]) -> str:
+    return f"id:{json.dumps(record['id'])}" if record["id"] is not None else f"sha256:{record['request_sha256']}"
+
+
+def _write_records(target: Path, records: list[dict[str, Any]]) -> None:
+    """Written to a new file then renamed, so a crash leaves the old OUTPUT intact."""
     partial = target.with_name(target.name + ".partial")
     with partial.open("w", encoding="utf-8") as out:
-        for record in ordered + stale:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     os.replace(partial, target)
