@@ -187,6 +187,29 @@ def test_prompt_without_images_is_text_only(processor):
     assert prompts.attention_mask.sum(1).tolist() == prompts.seq_lens and not prompts.attention_mask[0, 0]
 
 
+def test_a_literal_pad_token_is_no_training_target(processor):
+    """As the official batchify, which sets every label equal to pad_id to ignore_id (the fuzz against it found it)."""
+    conversation = [{"role": "<|User|>", "content": "a"}, {"role": "<|Assistant|>", "content": "b <｜▁pad▁｜> c"}]
+    batch = processor(conversations=conversation, images=[], inference_mode=False, force_batchify=True)
+    pad = batch.input_ids[0] == processor.pad_id
+    assert pad.sum() == 1 and batch.labels[0, pad].tolist() == [-100]
+    assert (batch.labels[0, ~pad] == batch.input_ids[0, ~pad]).sum() > 0  # the answer's other tokens are targets
+
+
+def test_deepseekapi_sys_is_a_system_role(processor):
+    """The official processor also takes "deepseekapi-sys" as the leading system message."""
+
+    def ids(role: str) -> list[int]:
+        conversation = [
+            {"role": role, "content": "Be brief."},
+            {"role": USER, "content": "Hi"},
+            {"role": ASSISTANT, "content": ""},
+        ]
+        return processor(conversations=conversation, images=[], force_batchify=True).input_ids[0].tolist()
+
+    assert ids("deepseekapi-sys") == ids("system")
+
+
 def test_right_padding(processor):
     samples, _ = run_case(processor, "10_batch_three")
     batch = processor.batchify(samples, padding="right")

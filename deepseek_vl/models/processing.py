@@ -44,6 +44,7 @@ PROCESSOR_CONFIG_NAME = "processor_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 GROUNDING_TOKENS = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 SYSTEM_ROLE = "system"
+SYSTEM_ROLES = (SYSTEM_ROLE, "deepseekapi-sys")  # the official processor takes both
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "revision", "token")
 
 _CONFIG_KEYS = (
@@ -455,7 +456,7 @@ class DeepseekVLV2Processor:
                 crops += out.images_spatial_crop
                 num_image_tokens += out.num_image_tokens
             else:  # an assistant turn, or the leading system message (validated by _check_conversation)
-                prompt_part = message["role"] == SYSTEM_ROLE
+                prompt_part = message["role"] in SYSTEM_ROLES
                 turn_ids = self.encode(content, bos=False, eos=not prompt_part)
                 turn_mask = [False] * len(turn_ids)
             ids += turn_ids
@@ -476,8 +477,8 @@ class DeepseekVLV2Processor:
             role, content = message["role"], str(message["content"])
             if role in (user_role, "user"):
                 num_tags += content.count(self.image_token)
-            elif role in (assistant_role, "assistant", SYSTEM_ROLE):
-                if role == SYSTEM_ROLE and index != 0:
+            elif role in (assistant_role, "assistant", *SYSTEM_ROLES):
+                if role in SYSTEM_ROLES and index != 0:
                     raise ValueError(f"A {SYSTEM_ROLE!r} message may only be the first message; it is message {index}.")
                 if self.image_token in content:
                     raise ValueError(
@@ -566,6 +567,7 @@ class DeepseekVLV2Processor:
             images_seq_mask[row, span] = sample.images_seq_mask
             images[row, : sample.images.shape[0]] = sample.images
             crops[row, : sample.images_spatial_crop.shape[0]] = sample.images_spatial_crop
+        labels[labels == self.pad_id] = self.ignore_id  # as the official batchify: a literal pad token is no target
         return BatchCollateOutput(
             sft_format=[sample.sft_format for sample in sample_list],
             input_ids=input_ids,

@@ -1,8 +1,8 @@
 """Image loading for DeepSeek-VL2 conversations.
 
-`load_pil_images` is the model card helper: it opens every message's "images" entry, in order, exactly like the
-official `PIL.Image.open(path).convert("RGB")` (no EXIF rotation, alpha dropped without compositing), so processor
-outputs match the official ones. `load_image` is the general entry point behind it: paths, file:// URIs, http(s)
+`load_pil_images` is the model card helper: it opens every message's "images" entry, in order, like the official
+`PIL.Image.open(path).convert("RGB")` (no EXIF rotation, alpha dropped without compositing), so processor outputs
+match the official ones; the one exception is 16-bit grayscale, which `convert` clips to white and this scales. `load_image` is the general entry point behind it: paths, file:// URIs, http(s)
 URLs, base64 data URLs, raw bytes, PIL images and numpy arrays, with clear errors instead of Pillow internals.
 
 Careless or hostile inputs are refused, not half-loaded: more than `DEFAULT_MAX_PIXELS` pixels (checked from the
@@ -202,7 +202,8 @@ def load_pil_images(conversations: Iterable[Mapping[str, Any]], **load_kwargs: A
     """Load the images of every message's optional "images" list, in conversation order.
 
     Entries may be anything `load_image` accepts (paths, URLs, PIL images, ...); `load_kwargs` are passed to it.
-    With the defaults a path is opened exactly like the official `PIL.Image.open(path).convert("RGB")`.
+    With the defaults a path is opened like the official `PIL.Image.open(path).convert("RGB")` (16-bit grayscale
+    aside: see `load_image`).
     """
     images = []
     for message in conversations:
