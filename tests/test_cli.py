@@ -254,7 +254,7 @@ class Terminal:
 
 @pytest.mark.slow
 def test_chat_repl_in_a_terminal(tiny: VLChat) -> None:
-    """A question stopped with Ctrl-C, /reset, a bad /image, /image + a question, a follow-up (history kept), /exit."""
+    """Ctrl-C mid-answer, /reset, a bad /image, a bare /image, a quoted /image + a question, a follow-up, /exit."""
     env = {**os.environ, "TERM": "dumb"}
     argv = [sys.executable, "-m", "deepseek_vl", "chat", "--model", TINY, "--max-new-tokens", "150"]
     terminal = Terminal(argv, env)
@@ -272,7 +272,10 @@ def test_chat_repl_in_a_terminal(tiny: VLChat) -> None:
         terminal.send("/image /no/such.png\r")
         terminal.expect("does not exist")
         terminal.expect(">>> ")
-        terminal.send(f"/image {SMALL_IMAGE}\r")
+        terminal.send("/image\r")
+        terminal.expect("usage: /image PATH")
+        terminal.expect(">>> ")
+        terminal.send(f'/image "{SMALL_IMAGE}"\r')  # quoted, as a path with spaces would be
         terminal.expect("(image 8x8 attached to your next message)")
         terminal.expect(">>> ")
 

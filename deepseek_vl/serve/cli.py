@@ -503,19 +503,26 @@ def run_chat(args: argparse.Namespace) -> int:
             history, pending = [], []
             print("(conversation cleared)")
         elif command == "/image":
+            path = argument.strip()
+            if len(path) > 1 and path[0] == path[-1] and path[0] in "'\"":  # a quoted path with spaces
+                path = path[1:-1]
+            if not path:
+                print("usage: /image PATH (a file, URL or data: URL)", file=sys.stderr)
+                continue
             try:
-                pending.append(load_image(argument.strip(), **image_limits(args)))
+                pending.append(load_image(path, **image_limits(args)))
                 print(f"(image {pending[-1].width}x{pending[-1].height} attached to your next message)")
             except ImageLoadError as error:
                 print(f"error: {error}", file=sys.stderr)
         elif command.startswith("/"):
-            print(f"unknown command {command}; {REPL_HELP}")
+            print(f"unknown command {command}; {REPL_HELP}", file=sys.stderr)
         else:
             message = {"role": "user", "content": typed_line_breaks(line), "images": pending}
             try:
                 answer = stream_answer(pipe.chat([*history, message], **options, stream=True), echo=True)
             except USER_ERRORS as error:
-                print(f"error: {error}", file=sys.stderr)
+                full = history and "context" in str(error)
+                print(f"error: {error}" + ("; or /reset to start a new conversation" if full else ""), file=sys.stderr)
                 continue
             except KeyboardInterrupt:  # while the images were being prepared
                 print("[stopped]", file=sys.stderr)
