@@ -120,6 +120,8 @@ def test_top_level_help_lists_the_commands(capsys) -> None:
         (["generate", "hi", "--dtype", "int8"], "invalid choice"),
         (["batch", "in.jsonl", "out.jsonl", "--batch-size", "0"], "must be a whole number >= 1"),
         (["generate", "hi", "--annotate", "out.png"], "--annotate needs at least one --image"),
+        (["generate", "<image> vs <image>", "-i", GIRAFFES], "2 <image> tags but 1 -i images"),
+        (["generate", "hi", "--stop", ""], "stop must be a non-empty string"),
         (["generate", "hi", "-i", GIRAFFES, "--annotate", "boxes.txt"], "use an image file extension"),
         (["batch", "/no/requests.jsonl", "out.jsonl"], "does not exist"),
         (["generate", "hi", "--device", "tpu9"], "unknown device"),

@@ -361,6 +361,10 @@ def run_generate(args: argparse.Namespace) -> int:
         raise CLIError(f"cannot write {args.annotate!r}: its folder is not writable")
     if args.annotate and Path(args.annotate).suffix.lower() not in Image.registered_extensions():
         raise CLIError(f"cannot write {args.annotate!r}: use an image file extension such as .png or .jpg")
+    tags = prompt.count("<image>")
+    if tags and tags != len(args.image):
+        raise CLIError(f"the prompt has {tags} <image> tags but {len(args.image)} -i images: give one -i per tag")
+    GenerationOptions(**{name: getattr(args, name) for name in GENERATION_KEYS})  # a bad --stop now, not after loading
     response_format = read_json_schema(args.json_schema) if args.json_schema else None
     images = [load_image(source, **image_limits(args)) for source in args.image]
     started = time.perf_counter()
