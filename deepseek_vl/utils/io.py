@@ -229,7 +229,8 @@ def _decode(file: Path | io.BytesIO, name: str, exif_transpose: bool, max_pixels
         raise ImageLoadError(f"Image {name} cannot be read: permission denied.") from error
     except Image.DecompressionBombError as error:
         raise ImageLoadError(
-            f"Image {name} is too large ({error}); raise PIL.Image.MAX_IMAGE_PIXELS if you trust the source."
+            f"Image {name} is too large ({error}): more than Pillow's own limit, above any max_pixels; resize it, "
+            "or from Python raise PIL.Image.MAX_IMAGE_PIXELS if you trust the source."
         ) from error
     except Image.UnidentifiedImageError as error:
         raise ImageLoadError(f"{name} is not a readable image (unknown or corrupt format).") from error
@@ -277,7 +278,7 @@ def _check_pixels(image: Image.Image, name: str, max_pixels: int | None) -> None
     if max_pixels is not None and image.width * image.height > max_pixels:
         raise ImageLoadError(
             f"Image {name} has {image.width}x{image.height} = {image.width * image.height} pixels, more than "
-            f"max_pixels={max_pixels}; resize it or pass a larger max_pixels."
+            f"max_pixels={max_pixels}; resize it, or raise the limit (max_pixels=, --max-image-pixels)."
         )
 
 
