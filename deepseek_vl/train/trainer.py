@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -90,9 +91,10 @@ class Summary:
 
 
 def model_reference(model: str) -> str:
-    """How a run names its base model (adapters record it): an absolute path for a local folder, else the Hub id."""
+    """How a run names its base model (adapters record it): an absolute path for a local folder (symbolic links kept
+    as given), else the Hub id."""
     path = Path(model).expanduser()
-    return str(path.resolve()) if path.is_dir() else model
+    return os.path.abspath(path) if path.is_dir() else model
 
 
 def check_config(config: FinetuneConfig) -> None:
