@@ -50,14 +50,22 @@ class _AfterTransformersImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-def _drop_enum_notices(record: logging.LogRecord) -> bool:
-    """transformers imports torchao when it is installed, and torchao's import makes torch log two deprecation
-    notices ("<enum 'KernelPreference'> is an Enum subclass ...") on stderr: nothing a user of this package can act on.
-    """
-    return "is an Enum subclass and is now natively supported" not in record.getMessage()
+# Third-party notices on stderr that no user of this package can act on, by logger and message start:
+# - transformers imports torchao when it is installed, and torchao's import makes torch log two deprecations;
+# - peft imports bitsandbytes, whose import on an AVX512-BF16 CPU says it could not download an optional kernel
+#   from the Hugging Face Hub (its own CPU kernels run; nothing here needs that one, see the README).
+_QUIET_NOTICES = {
+    "torch.utils._pytree": "<enum '",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+}
 
 
-logging.getLogger("torch.utils._pytree").addFilter(_drop_enum_notices)
+def _quiet(logger: str, start: str) -> None:
+    logging.getLogger(logger).addFilter(lambda record: not record.getMessage().startswith(start))
+
+
+for _logger, _start in _QUIET_NOTICES.items():
+    _quiet(_logger, _start)
 
 if "transformers" in sys.modules:
     _register_models()

@@ -75,6 +75,14 @@ def test_quickstart_script_runs() -> None:
     assert "is an Enum subclass" not in result.stderr  # torch's notices about torchao, which transformers imports
 
 
+def test_third_party_notices_nobody_can_act_on_are_quiet() -> None:
+    """torch's notices about torchao's enums, bitsandbytes' failed download of an optional Hub kernel (AVX512-BF16)."""
+    pytest.importorskip("bitsandbytes")
+    code = "import deepseek_vl, bitsandbytes, deepseek_vl.models"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert "is an Enum subclass" not in result.stderr and "gemm_4bit_forward" not in result.stderr
+
+
 def test_auto_classes_and_language_alias(load_model) -> None:
     assert isinstance(AutoConfig.from_pretrained(TINY), DeepseekVLV2Config)
     model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
