@@ -116,6 +116,10 @@ class VLChat:
         torch_dtype = resolve_dtype("bfloat16" if quantize is not None and dtype == "auto" else dtype, torch_device)
         folder = resolve_model_folder(model)
         check_model_folder(folder)  # the model's files first: their errors are the clearest, and milliseconds
+        if adapter is not None:
+            from deepseek_vl.train.merge import check_adapter_folder
+
+            check_adapter_folder(adapter)  # now, not after minutes of loading the model
         with _progress_bars(progress):
             with _warnings_off():  # the released tokenizer_config names a class transformers swaps, with a warning
                 processor = DeepseekVLV2Processor.from_pretrained(folder)

@@ -23,6 +23,7 @@ from deepseek_vl.chat import (
     resolve_dtype,
     resolve_model_folder,
 )
+from deepseek_vl.models import DeepseekVLV2ForCausalLM
 from golden import GOLDEN, VARIANTS, checkpoint, model_case, processor_case
 
 IMAGES = GOLDEN / "images"
@@ -309,6 +310,15 @@ def test_loading_errors_say_what_to_do(tmp_path) -> None:
         resolve_dtype("int3", torch.device("cpu"))
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+def test_a_wrong_adapter_folder_is_an_error_before_the_model_loads(monkeypatch) -> None:
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapter folder was checked")
+
+    monkeypatch.setattr(DeepseekVLV2ForCausalLM, "from_pretrained", never)
+    with pytest.raises(FileNotFoundError, match="is not a LoRA adapter folder"):
+        VLChat.from_pretrained(checkpoint("tiny"), adapter="/no/such/adapter", progress=False)
 
 
 def test_generation_options_map_to_generate_arguments() -> None:
