@@ -100,13 +100,6 @@ def finetune_command(args: argparse.Namespace) -> int:
 
     lora_settings = {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout}
     given = {name: value for name, value in lora_settings.items() if value is not None}
-    lora_only = [*given, *(name for name in ("lora_experts", "train_router", "lora_vision") if getattr(args, name))]
-    if args.method == "full" and lora_only:
-        raise ValueError(
-            f"{', '.join('--' + name.replace('_', '-') for name in lora_only)}: LoRA settings, ignored by --method "
-            "full, which trains every language-model weight (routed experts and routers included); drop them (for "
-            "the vision tower: --train-vision)"
-        )
     config = FinetuneConfig(
         model=args.model, output=args.output, method=args.method,
         parts=TrainableParts(args.lora_experts, args.train_router, args.lora_vision, args.train_vision,
@@ -117,7 +110,7 @@ def finetune_command(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps, seed=args.seed,
         dtype=args.dtype, resume=args.resume, fsdp=args.fsdp, deepspeed=args.deepspeed,
     )  # fmt: skip
-    check_config(config)
+    check_config(config, list(given))
     if args.validate:
         files = [("train", args.data), *([("eval", args.eval_data)] if args.eval_data else [])]
         return validate_command(args, [(name, path, *scan_jsonl(path)) for name, path in files])

@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,16 +98,20 @@ def model_reference(model: str) -> str:
     return os.path.abspath(path) if path.is_dir() else model
 
 
-def check_config(config: FinetuneConfig) -> None:
-    """Refuse settings that would be silently ignored or would not do what the README promises."""
+def check_config(config: FinetuneConfig, lora_settings: Sequence[str] = ()) -> None:
+    """Refuse settings that would be silently ignored or would not do what the README promises.
+
+    ``lora_settings``: the LoRA numbers given explicitly ("lora_rank", ... as the CLI knows them), which --method full
+    would ignore as well.
+    """
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
     if config.parts.lora_vision and config.parts.train_vision:
         raise ValueError("choose one of --lora-vision and --train-vision")
     if config.method == "full":
-        lora_only = {"--lora-experts": config.parts.lora_experts, "--train-router": config.parts.train_router,
-                     "--lora-vision": config.parts.lora_vision}  # fmt: skip
-        given = [flag for flag, on in lora_only.items() if on]
+        lora_only = [*lora_settings, *(name for name in ("lora_experts", "train_router", "lora_vision")
+                                       if getattr(config.parts, name))]  # fmt: skip
+        given = ["--" + name.replace("_", "-") for name in lora_only]
         if given:
             raise ValueError(
                 f"{', '.join(given)}: LoRA settings, ignored by --method full, which trains every language-model "
