@@ -33,7 +33,6 @@ from deepseek_vl.grounding import GroundingResult, parse_grounding
 from deepseek_vl.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from deepseek_vl.models.processing import VLChatProcessorOutput
 from deepseek_vl.options import DEFAULT_MODEL, GenerationOptions, ModelLoadError
-from deepseek_vl.utils.checkpoint import check_model_folder
 from deepseek_vl.utils.io import DEFAULT_MAX_PIXELS, load_image
 
 __all__ = ["DEFAULT_MODEL", "ChatResult", "ChatStream", "GenerationOptions", "ModelLoadError", "VLChat"]
@@ -115,7 +114,6 @@ class VLChat:
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype("bfloat16" if quantize is not None and dtype == "auto" else dtype, torch_device)
         folder = resolve_model_folder(model)
-        check_model_folder(folder)  # the model's files first: their errors are the clearest, and milliseconds
         if adapter is not None:
             from deepseek_vl.train.merge import check_adapter_folder
 

@@ -2,8 +2,9 @@
 
 `load_pil_images` is the model card helper: it opens every message's "images" entry, in order, like the official
 `PIL.Image.open(path).convert("RGB")` (no EXIF rotation, alpha dropped without compositing), so processor outputs
-match the official ones; the one exception is 16-bit grayscale, which `convert` clips to white and this scales. `load_image` is the general entry point behind it: paths, file:// URIs, http(s)
-URLs, base64 data URLs, raw bytes, PIL images and numpy arrays, with clear errors instead of Pillow internals.
+match the official ones; the one exception is 16-bit grayscale, which `convert` clips to white and this scales.
+`load_image` is the general entry point behind it: paths, file:// URIs, http(s) URLs, base64 data URLs, raw bytes,
+PIL images and numpy arrays, with clear errors instead of Pillow internals.
 
 Careless or hostile inputs are refused, not half-loaded: more than `DEFAULT_MAX_PIXELS` pixels (checked from the
 header, before decoding), PNGs whose pixel data stops early (Pillow would fill the rest with black), empty images,
