@@ -206,11 +206,7 @@ class Engine:
                     self.step()
                 except Exception as error:  # noqa: BLE001 - a failed step fails the requests it ran, not the engine
                     self._abort_running(error)
-            with self.cond:
-                for seq, handle in self.incoming:
-                    self.handles[seq.id] = handle
-                    self.scheduler.add(seq)
-                self.incoming.clear()
+            self._take_incoming()
             closed = EngineClosed("the engine stopped")
             for seq in list(self.scheduler.waiting):
                 self.scheduler.drop_waiting(seq)
@@ -227,11 +223,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """One iteration: take new requests, retire cancelled ones, run a prefill budget and a decode step."""
-        with self.cond:
-            for seq, handle in self.incoming:
-                self.handles[seq.id] = handle
-                self.scheduler.add(seq)
-            self.incoming.clear()
+        self._take_incoming()
         self._retire_cancelled()
         plan = self.scheduler.schedule()
         for seq in plan.admitted:
@@ -266,6 +258,14 @@ class Engine:
             self.runner.cache.release()
         if self.metrics is not None:
             self.metrics.observe_step(self)
+
+    def _take_incoming(self) -> None:
+        """Hand the requests submitted since the last step to the scheduler (they wait there for a row)."""
+        with self.cond:
+            for seq, handle in self.incoming:
+                self.handles[seq.id] = handle
+                self.scheduler.add(seq)
+            self.incoming.clear()
 
     def _accept(self, seq: Sequence, token: int) -> None:
         now = time.monotonic()
