@@ -32,7 +32,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_validator,
-)  # fmt: skip
+)
 from starlette.requests import ClientDisconnect
 
 from deepseek_vl.chat import BOX_MARKUP, IMAGE_TAG
@@ -45,8 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_SEED", "MAX_STOP_CHARS", "APIError", "ChatCompletionRequest", "ChatMessage", "Limits", "bad_request",
     "check_json_content_type", "check_model", "check_options", "check_prompt_chars", "control_tokens",
-    "generation_budget",
-    "host_allowed", "max_prompt_chars", "parse_request", "read_body", "to_chat_messages",
+    "generation_budget", "host_allowed", "max_prompt_chars", "parse_request", "read_body", "to_chat_messages",
 ]  # fmt: skip
 
 _log = logging.getLogger("deepseek_vl.serve")
