@@ -67,3 +67,33 @@ def test_lmms_eval_plugin(vlmeval: DeepSeekVL2) -> None:
     ]
     assert answers == expected
     assert manifest().simple_class_path == "deepseek_vl.eval.lmms_eval_plugin.DeepseekVL2"
+
+
+def lmms_plugin():
+    if not os.environ.get("DEEPSEEK_VL_REQUIRE_LMMS_EVAL"):
+        pytest.importorskip("lmms_eval.api.model", reason="lmms-eval is the optional [eval] extra")
+    from deepseek_vl.eval import lmms_eval_plugin
+
+    return lmms_eval_plugin
+
+
+def test_lmms_eval_builds_the_model_as_its_evaluator_does(vlmeval: DeepSeekVL2) -> None:
+    """lmms-eval's `simple_evaluate` adds its --batch_size, --max_batch_size and --device to the model_args."""
+    plugin = lmms_plugin()
+    model = plugin.DeepseekVL2.create_from_arg_string(
+        f"pretrained={TINY},max_new_tokens=3", {"batch_size": "2", "max_batch_size": 8, "device": "cpu"}
+    )
+    model.task_dict = {"tiny_task": {"test": [{"image": IMAGE}]}}
+    request = SimpleNamespace(args=("What is it?", {}, lambda doc: [doc["image"]], 0, "tiny_task", "test"))
+    # an image given as a path (not only as a PIL image) reaches the model
+    expected = vlmeval.pipe.chat([{"role": "user", "content": "What is it?"}], [IMAGE], max_new_tokens=3).text
+    assert model.generate_until([request]) == [expected]
+
+
+def test_lmms_eval_refuses_bad_model_args_before_loading(monkeypatch) -> None:
+    plugin = lmms_plugin()
+    monkeypatch.setattr(VLChat, "from_pretrained", classmethod(lambda cls, *a, **k: pytest.fail("model loaded")))
+    with pytest.raises(ValueError, match=r"unknown model_args \['max_tokens'\]"):
+        plugin.DeepseekVL2(pretrained=TINY, max_tokens=4)
+    with pytest.raises(ValueError, match="temperature"):
+        plugin.DeepseekVL2(pretrained=TINY, temperature=-1)

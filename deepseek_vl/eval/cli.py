@@ -103,11 +103,13 @@ def evaluate(
     task = TASKS[task_name]
     if not data.is_file():
         raise FileNotFoundError(f"data file {str(data)!r} does not exist")
-    # Lines end at "\n" only: JSON strings may hold U+2028 and friends, which splitlines() would split on.
-    lines = [line for line in data.read_text(encoding="utf-8").split("\n") if line.strip()][:limit]
+    # Lines end at "\n" only: JSON strings may hold U+2028 and friends, which splitlines() would split on. A sample
+    # keeps its line number in the file (blank lines counted), so an error names the line to fix; a BOM is dropped.
+    lines = enumerate(data.read_text(encoding="utf-8-sig").split("\n"), 1)
+    numbered = [(number, line) for number, line in lines if line.strip()][:limit]
     folder = data.resolve().parent
     samples, rows = [], []
-    for number, line in enumerate(lines, 1):
+    for number, line in numbered:
         sample: dict[str, Any] = {"line": number}
         try:
             record = json.loads(line)
@@ -167,12 +169,12 @@ def _answer(rows, predictor, way, batch_size, ray_address, concurrency, num_gpus
     """(line, answer record) pairs: VLChat's fixed batches, the continuous-batching engine, or Ray actors."""
     from deepseek_vl.distributed import VLPredictor, run_ray_batch
 
+    if not rows:  # every line failed to parse: no model to load, no cluster to start
+        return
     if way == "ray":
         for record in run_ray_batch(rows, predictor, address=ray_address, concurrency=concurrency,
                                     batch_size=batch_size, num_gpus=num_gpus):  # fmt: skip
             yield record["line"], record
-        return
-    if not rows:
         return
     local = VLPredictor(**predictor)
     if way == "engine":

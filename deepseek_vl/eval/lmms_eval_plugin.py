@@ -11,22 +11,30 @@ from __future__ import annotations
 from typing import Any
 
 from lmms_eval.api.model import lmms
-from PIL import Image
 
 __all__ = ["DeepseekVL2", "manifest"]
 
 
 class DeepseekVL2(lmms):
-    """model_args: pretrained=FOLDER_OR_HUB_ID, device=auto, dtype=auto, batch_size=1, max_new_tokens=..."""
+    """model_args: pretrained=FOLDER_OR_HUB_ID, device=auto, dtype=auto, and generation defaults (max_new_tokens=...,
+    temperature=..., ...). lmms-eval adds its `--batch_size` (default 1; so not in model_args too, which lmms-eval
+    would pass twice), `--device` and `--max_batch_size` (for `--batch_size auto`, which this model does not take;
+    ignored)."""
 
     def __init__(self, pretrained: str = "deepseek-ai/deepseek-vl2-tiny", device: str = "auto", dtype: str = "auto",
-                 batch_size: int | str = 1, **kwargs: Any) -> None:  # fmt: skip
+                 batch_size: int | str = 1, max_batch_size: int | None = None, **kwargs: Any) -> None:  # fmt: skip
         super().__init__()
         from deepseek_vl.chat import VLChat
+        from deepseek_vl.distributed import GENERATION_KEYS, ROW_OPTIONS
+        from deepseek_vl.options import GenerationOptions
 
-        self.pipe = VLChat.from_pretrained(pretrained, device=device, dtype=dtype, progress=False)
-        self.batch_size = int(batch_size)
+        # checked before the model loads: a typo in model_args would otherwise fail at the first batch
+        if unknown := sorted(set(kwargs) - set(ROW_OPTIONS)):
+            raise ValueError(f"unknown model_args {unknown}; generation options are {list(ROW_OPTIONS)}")
         self.defaults = {key: _number(value) for key, value in kwargs.items()}
+        GenerationOptions(**{key: value for key, value in self.defaults.items() if key in GENERATION_KEYS})
+        self.batch_size = int(batch_size)
+        self.pipe = VLChat.from_pretrained(pretrained, device=device, dtype=dtype, progress=False)
 
     def generate_until(self, requests: list[Any]) -> list[str]:
         answers: list[str | None] = [None] * len(requests)
@@ -35,9 +43,11 @@ class DeepseekVL2(lmms):
         for index, request in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
-            visuals = [v for v in (visuals if isinstance(visuals, list) else [visuals]) if isinstance(v, Image.Image)]
+            # every visual goes to the model (PIL images, paths, arrays); one it cannot read (a video, audio) fails
+            # loudly instead of being dropped, which would score answers given without it
+            visuals = [v for v in (visuals if isinstance(visuals, list) else [visuals]) if v is not None]
             options = self.defaults | _options(gen_kwargs or {})
-            prepared.append(([{"role": "user", "content": context}], [v.convert("RGB") for v in visuals], options))
+            prepared.append(([{"role": "user", "content": context}], visuals, options))
             groups.setdefault(repr(sorted(options.items())), []).append(index)
         for indices in groups.values():
             for start in range(0, len(indices), self.batch_size):

@@ -2,7 +2,9 @@
 
 - `box_iou` / grounding accuracy: RefCOCO counts a prediction correct when IoU >= 0.5 with the ground-truth box,
   in pixels of the original image.
-- `anls`: DocVQA's Average Normalized Levenshtein Similarity (threshold 0.5, case-insensitive, whitespace folded).
+- `anls`: DocVQA's Average Normalized Levenshtein Similarity (threshold 0.5, case-insensitive, whitespace folded),
+  with the official scorer's quirks: the edit distance is divided by the longer raw (unfolded) string, and a
+  similarity of exactly 0.5 counts.
 - `vqa_accuracy`: the VQA v2 scorer (GT-Vision-Lab/VQA `vqaEval.py`): the answer is normalised (punctuation,
   number words, articles, contractions), and it scores min(1, matches among the other 9 humans / 3), averaged
   over the 10 leave-one-out subsets. Its quirks are kept: ground truths lose punctuation only when the humans
@@ -41,15 +43,19 @@ def _levenshtein(a: str, b: str) -> int:
 
 
 def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
-    """Best 1 - normalised edit distance over the accepted answers; 0 when the distance is >= threshold."""
+    """Best 1 - normalised edit distance over the accepted answers; 0 when that similarity is < threshold.
+
+    As the official DocVQA scorer: the distance is between the folded strings (case, outer and repeated
+    whitespace) but divided by the longer of the raw strings, and a similarity of exactly 0.5 still counts."""
     predicted = " ".join(prediction.strip().lower().split())
-    best = 0.0
+    distances = []
     for answer in answers:
-        truth = " ".join(str(answer).strip().lower().split())
-        longest = max(len(predicted), len(truth))
-        distance = _levenshtein(predicted, truth) / longest if longest else 0.0
-        best = max(best, 1.0 - distance if distance < threshold else 0.0)
-    return best
+        answer = str(answer)
+        truth = " ".join(answer.strip().lower().split())
+        longest = max(len(answer.upper()), len(prediction.upper()))
+        distances.append(_levenshtein(predicted, truth) / longest if longest else 0.0)
+    similarity = 1.0 - min(distances, default=1.0)
+    return similarity if similarity >= threshold else 0.0
 
 
 # The VQA v2 normalisation tables (data from the official scorer).

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,12 +67,25 @@ def _answers(record: dict[str, Any]) -> list[str]:
             for answer in answers]  # fmt: skip
 
 
+def _bbox(record: dict[str, Any]) -> tuple[float, float, float, float]:
+    """The ground-truth [x, y, w, h], checked before any answer is generated so a bad one is that line's error."""
+    bbox = record["bbox"]
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise ValueError(f'"bbox" must be 4 numbers [x, y, w, h] (COCO pixels), got {bbox!r}') from None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        raise ValueError(f'"bbox" must be finite with width and height > 0, got {bbox!r}')
+    return x, y, w, h
+
+
 def _build_refcoco(record: dict[str, Any], folder: Path) -> tuple[str, list]:
+    _bbox(record)
     return f"<|ref|>{record['expression']}<|/ref|>.", [_image(record, folder)]
 
 
 def _score_refcoco(record: dict[str, Any], text: str, folder: Path) -> dict[str, Any]:
-    x, y, w, h = (float(v) for v in record["bbox"])
+    x, y, w, h = _bbox(record)
     with Image.open(_image(record, folder)) as image:
         size = image.size
     boxes = parse_grounding(text, [size]).boxes
