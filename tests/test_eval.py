@@ -151,9 +151,32 @@ def test_multiple_choice_enlarges_the_first_image(tmp_path: Path) -> None:
     from deepseek_vl.utils.io import load_image
 
     Image.new("RGB", (10, 6), (200, 10, 10)).save(tmp_path / "q.png")
+    (tmp_path / "scratch").mkdir()
     _, images = TASKS["mmmu-style"].build({"image": "q.png", "question": "?", "options": ["a"], "answer": "A"},
-                                          tmp_path)  # fmt: skip
+                                          tmp_path, tmp_path / "scratch")  # fmt: skip
     assert load_image(images[0]).size == (20, 12)
+    assert Path(images[0]).parent == tmp_path / "scratch"
+
+
+def test_enlarged_images_wait_on_disk_and_are_removed(monkeypatch, tmp_path: Path) -> None:
+    """A data set's enlarged images are files while the run answers (not all in memory), gone after it."""
+    Image.new("RGB", (10, 6), (200, 10, 10)).save(tmp_path / "q.png")
+    seen = []
+
+    def fake_answer(rows, *args):
+        for line, row in rows:
+            with Image.open(row["images"][0]) as enlarged:
+                seen.append(enlarged.size)
+            yield line, {"text": "A", "finish_reason": "stop"}
+
+    monkeypatch.setattr(eval_cli, "_answer", fake_answer)
+    record = {"image": "q.png", "question": "?", "options": ["a", "b"], "answer": "A"}
+    data = write(tmp_path / "mc.jsonl", [record, record])
+    summary = eval_cli.evaluate("mmmu-style", data, model="unused", output_dir=tmp_path / "out")
+    assert summary["score"] == 1.0 and seen == [(20, 12), (20, 12)]
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
+        "mmmu-style_predictions.jsonl", "mmmu-style_summary.json"
+    ]
 
 
 def test_limit_and_bad_lines(monkeypatch, tmp_path: Path) -> None:

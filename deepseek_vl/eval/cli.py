@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -108,33 +109,36 @@ def evaluate(
     lines = enumerate(data.read_text(encoding="utf-8-sig").split("\n"), 1)
     numbered = [(number, line) for number, line in lines if line.strip()][:limit]
     folder = data.resolve().parent
-    samples, rows = [], []
-    for number, line in numbered:
-        sample: dict[str, Any] = {"line": number}
-        try:
-            record = json.loads(line)
-            task.check(record)
-            sample |= {"id": record.get("id"), "record": record}
-            prompt, images = task.build(record, folder)
-            sample["prompt"] = prompt
-            rows.append((number, {"prompt": prompt, "images": images}))
-        except (ValueError, OSError) as error:  # a bad line is scored 0 with its reason, the run goes on
-            sample["error"] = f"{type(error).__name__}: {error}"
-        samples.append(sample)
     tokens = max_new_tokens or task.max_new_tokens
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # images a task derives (mmmu-style's enlarged one) go to disk here until answered; beside the output, so
+    # Ray actors on other machines reach it where OUTPUT_DIR is a shared folder, as they reach the data's images
+    with tempfile.TemporaryDirectory(prefix=f".{task_name}-inputs-", dir=output_dir) as scratch:
+        samples, rows = [], []
+        for number, line in numbered:
+            sample: dict[str, Any] = {"line": number}
+            try:
+                record = json.loads(line)
+                task.check(record)
+                sample |= {"id": record.get("id"), "record": record}
+                prompt, images = task.build(record, folder, Path(scratch))
+                sample["prompt"] = prompt
+                rows.append((number, {"prompt": prompt, "images": images}))
+            except (ValueError, OSError) as error:  # a bad line is scored 0 with its reason, the run goes on
+                sample["error"] = f"{type(error).__name__}: {error}"
+            samples.append(sample)
 
-    started = time.perf_counter()
-    answers: dict[int, dict[str, Any]] = {}
-    with tqdm(total=len(rows), desc=f"eval {task_name}", unit="sample", file=sys.stderr) as bar:
-        predictor = {"model": model, "device": device, "dtype": dtype, "max_new_tokens": tokens}
-        predictor |= {key: value for key, value in (loading or {}).items() if value is not None}
-        way = "ray" if ray else "engine" if engine else "batches"
-        for line, answer in _answer(rows, predictor, way, batch_size, ray_address, concurrency, num_gpus):
-            answers[line] = answer
-            bar.update(1)
+        started = time.perf_counter()
+        answers: dict[int, dict[str, Any]] = {}
+        with tqdm(total=len(rows), desc=f"eval {task_name}", unit="sample", file=sys.stderr) as bar:
+            predictor = {"model": model, "device": device, "dtype": dtype, "max_new_tokens": tokens}
+            predictor |= {key: value for key, value in (loading or {}).items() if value is not None}
+            way = "ray" if ray else "engine" if engine else "batches"
+            for line, answer in _answer(rows, predictor, way, batch_size, ray_address, concurrency, num_gpus):
+                answers[line] = answer
+                bar.update(1)
     seconds = time.perf_counter() - started
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     predictions = output_dir / f"{task_name}_predictions.jsonl"
     scores, errors, unparsed = [], 0, 0
     with predictions.open("w", encoding="utf-8") as out:

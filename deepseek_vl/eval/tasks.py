@@ -11,14 +11,14 @@ Data files are JSONL, one sample per line, in each benchmark's usual fields (ima
 Prompts are the ones DeepSeek-VL2 is evaluated with: the model card's grounding prompt for RefCOCO, and
 VLMEvalKit's (its DeepSeek-VL2 wrapper, PR #697) for the others: "Answer the question using a single word or
 phrase." after a VQA question; for multiple choice the options as "A. ..." lines, the "Question:"/"Options:"
-labels dropped, the letter instruction, `<image>` tags first, and the first image enlarged 2x (bilinear).
+labels dropped, the letter instruction, `<image>` tags first, and the first image enlarged 2x (bilinear; written
+as a lossless PNG into the run's scratch folder, so a data set's enlarged images are never all in memory at once).
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,7 @@ class Task:
     name: str
     metric: str
     fields: tuple[str, ...]  # required keys of a data record
-    build: Callable[[dict[str, Any], Path], tuple[str, list]]  # record, data folder -> prompt, images
+    build: Callable[[dict[str, Any], Path, Path], tuple[str, list]]  # record, data folder, scratch -> prompt, images
     score: Callable[[dict[str, Any], str, Path], dict[str, Any]]  # record, answer text, folder -> {"score", ...}
     max_new_tokens: int
 
@@ -79,7 +79,7 @@ def _bbox(record: dict[str, Any]) -> tuple[float, float, float, float]:
     return x, y, w, h
 
 
-def _build_refcoco(record: dict[str, Any], folder: Path) -> tuple[str, list]:
+def _build_refcoco(record: dict[str, Any], folder: Path, scratch: Path) -> tuple[str, list]:
     _bbox(record)
     return f"<|ref|>{record['expression']}<|/ref|>.", [_image(record, folder)]
 
@@ -96,7 +96,7 @@ def _score_refcoco(record: dict[str, Any], text: str, folder: Path) -> dict[str,
     return {"score": float(iou >= 0.5), "iou": iou, "predicted_box": predicted, "num_boxes": len(boxes)}
 
 
-def _build_vqa(record: dict[str, Any], folder: Path) -> tuple[str, list]:
+def _build_vqa(record: dict[str, Any], folder: Path, scratch: Path) -> tuple[str, list]:
     return f"{record['question']}{SHORT_ANSWER}", [_image(record, folder)]
 
 
@@ -117,7 +117,7 @@ def _options(record: dict[str, Any]) -> dict[str, str]:
     return {str(letter): str(text) for letter, text in options.items()}
 
 
-def _build_choice(record: dict[str, Any], folder: Path) -> tuple[str, list]:
+def _build_choice(record: dict[str, Any], folder: Path, scratch: Path) -> tuple[str, list]:
     sources = record.get("images", [record["image"]] if "image" in record else [])
     if not isinstance(sources, list) or not sources:
         raise ValueError('a mmmu-style sample needs "images" (a non-empty list) or "image"')
@@ -127,16 +127,12 @@ def _build_choice(record: dict[str, Any], folder: Path) -> tuple[str, list]:
     # VLMEvalKit's prompt with the DeepSeek-VL2 wrapper's edits applied (labels dropped, letter instruction)
     text = f"{hint} {record['question']}\n{options}{LETTER_ANSWER} \n"
     placeholders = "".join(f"<image {index}>" for index in range(1, len(images) + 1))
-    first = Image.open(images[0]).convert("RGB")
+    with Image.open(images[0]) as source:
+        first = source.convert("RGB")
     enlarged = first.resize((2 * first.width, 2 * first.height), Image.BILINEAR)
-    return "<image>" * len(images) + "\n" + placeholders + text, [_data_url(enlarged), *images[1:]]
-
-
-def _data_url(image: Image.Image) -> str:
-    """A lossless PNG data URL: the enlarged image travels as text (JSON rows, Ray) with its exact pixels."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    with tempfile.NamedTemporaryFile(dir=scratch, prefix="enlarged-", suffix=".png", delete=False) as file:
+        enlarged.save(file, format="PNG")  # lossless: the model sees the exact enlarged pixels
+    return "<image>" * len(images) + "\n" + placeholders + text, [file.name, *images[1:]]
 
 
 def _score_choice(record: dict[str, Any], text: str, folder: Path) -> dict[str, Any]:
