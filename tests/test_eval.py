@@ -175,7 +175,7 @@ def test_enlarged_images_wait_on_disk_and_are_removed(monkeypatch, tmp_path: Pat
     summary = eval_cli.evaluate("mmmu-style", data, model="unused", output_dir=tmp_path / "out")
     assert summary["score"] == 1.0 and seen == [(20, 12), (20, 12)]
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
-        "mmmu-style_predictions.jsonl", "mmmu-style_summary.json"
+        "mmmu-style_answers.jsonl", "mmmu-style_predictions.jsonl", "mmmu-style_summary.json"
     ]
 
 
@@ -250,3 +250,38 @@ def test_eval_on_ray_gives_the_local_answers(tmp_path: Path) -> None:
         assert summary["answered_by"] == way and summary["errors"] == 1  # the missing image, recorded
         runs[way] = (tmp_path / way / "vqa_predictions.jsonl").read_text()
     assert runs["ray"] == runs["batches"]
+
+
+def test_resume_answers_only_what_an_interrupted_run_left(monkeypatch, tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    records = [{"id": n, "image": "a.png", "question": f"q{n}", "answers": ["yes"] * 10} for n in range(4)]
+    data = write(tmp_path / "vqa.jsonl", records)
+    asked = []
+
+    def answer_until(stop_after):
+        def fake_answer(rows, *args):
+            for line, row in rows:
+                if len(asked) == stop_after:
+                    raise KeyboardInterrupt
+                asked.append(line)
+                yield line, {"text": "yes" if line != 3 else "no", "finish_reason": "stop"}
+
+        return fake_answer
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(eval_cli, "_answer", answer_until(2))
+    with pytest.raises(KeyboardInterrupt):
+        eval_cli.evaluate("vqa", data, model="m", output_dir=out)
+    with (out / "vqa_answers.jsonl").open("a") as journal:
+        journal.write('{"key": "cut sh')  # the interrupted write
+    assert asked == [1, 2]
+    monkeypatch.setattr(eval_cli, "_answer", answer_until(99))
+    summary = eval_cli.evaluate("vqa", data, model="m", output_dir=out, resume=True)
+    assert asked == [1, 2, 3, 4] and summary["resumed"] == 2 and summary["score"] == pytest.approx(0.75)
+    # other settings, or no --resume: everything is answered again
+    asked.clear()
+    assert eval_cli.evaluate("vqa", data, model="m", output_dir=out, resume=True, max_new_tokens=5)["resumed"] == 0
+    assert asked == [1, 2, 3, 4]
+    asked.clear()
+    assert eval_cli.evaluate("vqa", data, model="m", output_dir=out)["resumed"] == 0 and asked == [1, 2, 3, 4]
+    assert eval_cli.evaluate("vqa", data, model="m", output_dir=out, resume=True)["resumed"] == 4

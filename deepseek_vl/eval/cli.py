@@ -6,6 +6,7 @@ Parser building imports only the standard library; the model, Ray and the tasks 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -55,6 +56,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ray-address", metavar="ADDR", help="an existing cluster (default: start a local one)")
     parser.add_argument("--concurrency", type=_positive_int, default=1, metavar="N", help="Ray model replicas")
     parser.add_argument("--num-gpus", type=float, default=0, metavar="G", help="GPUs per Ray replica (default 0)")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="keep the answers an earlier (interrupted) run wrote to OUTPUT_DIR for the same lines, model and "
+             "settings; answer only the rest",
+    )  # fmt: skip
     add_model_arguments(parser)
     parser.set_defaults(handler=run_eval)
 
@@ -71,6 +77,7 @@ def run_eval(args: argparse.Namespace) -> int:
         output_dir=Path(args.output_dir), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         engine=args.engine, ray=args.ray, ray_address=args.ray_address, concurrency=args.concurrency,
         num_gpus=args.num_gpus, loading={key: getattr(args, key, None) for key in ("quantize", "adapter")},
+        resume=args.resume,
     )  # fmt: skip
     print(json.dumps(summary, indent=2))
     return 0
@@ -93,10 +100,13 @@ def evaluate(
     concurrency: int = 1,
     num_gpus: float = 0,
     loading: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Answer and score every sample; returns the summary (also written to OUTPUT_DIR/TASK_summary.json).
 
-    `loading` holds `quantize` / `adapter` for the model, as `VLChat.from_pretrained`."""
+    `loading` holds `quantize` / `adapter` for the model, as `VLChat.from_pretrained`. Every answer is appended
+    to OUTPUT_DIR/TASK_answers.jsonl as it comes; `resume` keeps those whose line, model and settings match, so an
+    interrupted run answers only the rest."""
     from tqdm import tqdm
 
     from deepseek_vl.eval.tasks import TASKS
@@ -110,7 +120,12 @@ def evaluate(
     numbered = [(number, line) for number, line in lines if line.strip()][:limit]
     folder = data.resolve().parent
     tokens = max_new_tokens or task.max_new_tokens
+    loading = {key: value for key, value in (loading or {}).items() if value is not None}
     output_dir.mkdir(parents=True, exist_ok=True)
+    settings = json.dumps([model, dtype, tokens, sorted(loading.items())])
+    keys = {number: hashlib.sha256(f"{settings}\n{line}".encode()).hexdigest() for number, line in numbered}
+    journal = output_dir / f"{task_name}_answers.jsonl"
+    kept = _journaled(journal, keys) if resume else {}
     # images a task derives (mmmu-style's enlarged one) go to disk here until answered; beside the output, so
     # Ray actors on other machines reach it where OUTPUT_DIR is a shared folder, as they reach the data's images
     with tempfile.TemporaryDirectory(prefix=f".{task_name}-inputs-", dir=output_dir) as scratch:
@@ -123,19 +138,25 @@ def evaluate(
                 sample |= {"id": record.get("id"), "record": record}
                 prompt, images = task.build(record, folder, Path(scratch))
                 sample["prompt"] = prompt
-                rows.append((number, {"prompt": prompt, "images": images}))
+                if number not in kept:
+                    rows.append((number, {"prompt": prompt, "images": images}))
             except (ValueError, OSError) as error:  # a bad line is scored 0 with its reason, the run goes on
                 sample["error"] = f"{type(error).__name__}: {error}"
             samples.append(sample)
 
         started = time.perf_counter()
-        answers: dict[int, dict[str, Any]] = {}
-        with tqdm(total=len(rows), desc=f"eval {task_name}", unit="sample", file=sys.stderr) as bar:
-            predictor = {"model": model, "device": device, "dtype": dtype, "max_new_tokens": tokens}
-            predictor |= {key: value for key, value in (loading or {}).items() if value is not None}
-            way = "ray" if ray else "engine" if engine else "batches"
+        answers: dict[int, dict[str, Any]] = dict(kept)
+        predictor = {"model": model, "device": device, "dtype": dtype, "max_new_tokens": tokens} | loading
+        way = "ray" if ray else "engine" if engine else "batches"
+        with tqdm(total=len(rows), desc=f"eval {task_name}", unit="sample", file=sys.stderr) as bar, \
+                journal.open("a" if resume else "w", encoding="utf-8") as written:  # fmt: skip
+            if written.tell() and not journal.read_bytes().endswith(b"\n"):
+                written.write("\n")  # the interrupted run's last line stays whole-or-skipped, not glued to ours
             for line, answer in _answer(rows, predictor, way, batch_size, ray_address, concurrency, num_gpus):
                 answers[line] = answer
+                if not answer.get("error"):  # a failed answer (out of memory, say) is tried again on resume
+                    written.write(json.dumps({"key": keys[line], "answer": answer}, ensure_ascii=False) + "\n")
+                    written.flush()
                 bar.update(1)
     seconds = time.perf_counter() - started
 
@@ -163,10 +184,29 @@ def evaluate(
     summary = {
         "task": task_name, "metric": task.metric, "score": sum(scores) / len(scores) if scores else None,
         "samples": len(samples), "errors": errors, "unparsed_answers": unparsed, "model": model, "data": str(data),
-        "max_new_tokens": tokens, "answered_by": way, "seconds": round(seconds, 2), "predictions": str(predictions),
+        "max_new_tokens": tokens, "answered_by": way, "resumed": len(kept), "seconds": round(seconds, 2),
+        "predictions": str(predictions),
     }  # fmt: skip
     (output_dir / f"{task_name}_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _journaled(journal: Path, keys: dict[int, str]) -> dict[int, dict[str, Any]]:
+    """The answers an earlier run wrote for lines whose text, model and settings are unchanged, by line number; a
+    line cut short by the interruption is skipped."""
+    if not journal.is_file():
+        return {}
+    lines = {key: number for number, key in keys.items()}
+    kept = {}
+    for text in journal.read_text(encoding="utf-8").split("\n"):
+        try:
+            entry = json.loads(text)
+            number = lines.get(entry["key"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if number is not None:
+            kept[number] = entry["answer"]
+    return kept
 
 
 def _answer(rows, predictor, way, batch_size, ray_address, concurrency, num_gpus):
