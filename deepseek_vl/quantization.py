@@ -38,6 +38,7 @@ from .utils.memory import malloc_trim
 MODES = ("int8", "int4", "nf4")
 MIN_BITSANDBYTES = "0.50"  # tested: 0.50.2, whose NF4 runs on CPU (AVX512-BF16 kernel or dequantize + matmul) and CUDA
 NF4_BLOCK = 64  # bitsandbytes' default NF4 block (one absmax per 64 weights)
+KERNEL_ALIGNMENT = 16  # bytes
 INT4_GROUP_SIZES = (128, 64, 32)  # the CPU kernel accepts 32..256; the largest that divides K is used
 LANGUAGE_LINEAR = re.compile(r"language\.model\.layers\.\d+\.(self_attn\.(?!kv_b_proj)\w+|mlp\.(experts\.\d+\.|shared_experts\.)?\w+_proj)$")
 VISION_LINEAR = re.compile(r"(vision\.blocks\.\d+\.(attn|mlp)\.\w+|projector\.layers\.\d+)$")
@@ -68,8 +69,8 @@ class Int8Linear(nn.Module):
         self.weight, self.weight_scale = weight, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.weight_scale.to(x.dtype))
+        x2 = aligned(x.reshape(-1, self.in_features).contiguous())
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.weight_scale.to(x.dtype))
         y = y.view(*x.shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -138,6 +139,13 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}"
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it in a fresh allocation: torch's int8 weight-only CPU kernel crashes (segfault) on bfloat16
+    inputs whose weight or activation data do not start on a 16-byte boundary, as a tensor read from a safetensors
+    file or a slice of a larger one may not."""
+    return t if t.data_ptr() % KERNEL_ALIGNMENT == 0 else t.clone()
+
+
 def row_chunks(n: int, k: int, multiple: int = 1, elements: int = 2**24) -> list[slice]:
     """Row slices of about ``elements`` weights each (a multiple of ``multiple`` rows) covering n rows."""
     rows = max(multiple, elements // k // multiple * multiple)
@@ -190,10 +198,16 @@ def nf4_linear(linear_shape: tuple[int, int], bias: bool, dtype: torch.dtype):
     bnb = import_bitsandbytes()
     n, k = linear_shape
     layer = bnb.nn.Linear4bit(k, n, bias=bias, compute_dtype=dtype, quant_type="nf4", device="meta")
-    # Its AVX512-BF16 CPU kernel repacks the weight on the first no-grad call and takes only N % 32 == 0;
-    # other shapes use bitsandbytes' dequantize-and-matmul path.
-    layer.support_avx512bf16_for_cpu &= n % 32 == 0
+    fit_bitsandbytes_cpu_kernel(layer)
     return layer
+
+
+def fit_bitsandbytes_cpu_kernel(model: nn.Module) -> None:
+    """bitsandbytes' AVX512-BF16 CPU kernel repacks a 4-bit weight on the first no-grad call and takes only
+    N % 32 == 0 (else an assertion fails); Linear4bit layers of other shapes use its dequantize-and-matmul path."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu &= module.out_features % 32 == 0
 
 
 def quantize_nf4(w: torch.Tensor, dtype: torch.dtype):
@@ -239,9 +253,11 @@ def import_bitsandbytes():
 
 
 def default_kept_modules(quantization_config) -> None:
-    """Fill ``modules_to_not_convert`` of a transformers quantization config the user left unset."""
-    if getattr(quantization_config, "modules_to_not_convert", False) is None:
-        quantization_config.modules_to_not_convert = list(KEEP_UNQUANTIZED)
+    """Fill the modules a transformers quantization config keeps unconverted, where the user left them unset:
+    ``modules_to_not_convert``, which bitsandbytes' config calls ``llm_int8_skip_modules``."""
+    for name in ("modules_to_not_convert", "llm_int8_skip_modules"):
+        if getattr(quantization_config, name, False) is None:
+            setattr(quantization_config, name, list(KEEP_UNQUANTIZED))
 
 
 def is_quantized_target(name: str, quantize_vision: bool, quantize_lm_head: bool = False) -> bool:
@@ -314,6 +330,7 @@ def load_quantized(
     quantize: str | None,
     *,
     dtype: torch.dtype | str | None = None,
+    torch_dtype: torch.dtype | str | None = None,
     device_map: str | torch.device | None = None,
     quantize_vision: bool = False,
     quantize_lm_head: bool = False,
@@ -352,9 +369,11 @@ def load_quantized(
         quantize, quantize_vision, quantize_lm_head = saved["mode"], saved.get("vision", False), saved.get("lm_head", False)
     device = load_device(device_map)
     check_mode(quantize, device)
+    dtype = dtype if dtype is not None else torch_dtype  # transformers' older name, which it still takes
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype) if dtype != "auto" else None
-    dtype = dtype or torch.bfloat16
+    if dtype is None:  # "auto": a saved quantized model computes in the dtype it was saved with, else bf16
+        dtype = config.dtype if saved is not None and isinstance(config.dtype, torch.dtype) else torch.bfloat16
     with torch.device("meta"):
         model = cls._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     names = replace_linears(model, quantize, dtype, quantize_vision, device, quantize_lm_head)
@@ -408,7 +427,7 @@ def place_tensor(model: nn.Module, key: str, tensor: torch.Tensor, dtype, prequa
         if not prequantized:
             owner.set_weight(tensor)
         elif isinstance(owner, Int8Linear):
-            setattr(owner, attr, tensor if attr == "weight" else tensor.to(dtype))
+            setattr(owner, attr, aligned(tensor) if attr == "weight" else tensor.to(dtype))
         else:  # int4: pack once both halves have arrived (they may sit in different shards)
             parts = pending.setdefault(owner_name, {})
             parts[attr] = tensor

@@ -8,6 +8,7 @@ row and a learned ``view_seperator`` between the global and local views, then sc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -20,7 +21,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
 from ..utils.checkpoint import check_model_folder, read_json_file
-from ..utils.loading import HUB_KEYWORDS, cast_releasing_pages, load_at_stored_dtype
+from ..utils.loading import HUB_KEYWORDS, cast_releasing_pages, load_at_stored_dtype, safetensors_files
+from . import language
 from .cache import InPlaceCache
 from .configuration import DeepseekVLV2Config
 from .language import DeepseekV2ForCausalLM
@@ -45,6 +47,33 @@ def saved_quantization(path: str | os.PathLike, **hub) -> dict | None:
             return None  # let from_pretrained report the missing folder or repo
         config_file = Path(found)
     return read_json_file(config_file).get("quantization")
+
+
+def quantized_by_bitsandbytes(config: DeepseekVLV2Config | None) -> bool:
+    """Whether transformers loads the model with a BitsAndBytesConfig (an object, or a dict in a saved config.json)."""
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict):
+        return quantization.get("quant_method") == "bitsandbytes"
+    return getattr(quantization, "quant_method", None) == "bitsandbytes"
+
+
+@contextlib.contextmanager
+def plain_language_linears():
+    """Build the language model's linears as plain ``nn.Linear``, the only type transformers' bitsandbytes integration
+    converts (it skips subclasses); those it keeps become the fast ``language.Linear`` again when the context ends."""
+    fast, built = language.Linear, []
+
+    def build(*args, **kwargs) -> nn.Linear:
+        built.append(nn.Linear(*args, **kwargs))
+        return built[-1]
+
+    language.Linear = build
+    try:
+        yield
+    finally:
+        language.Linear = fast
+    for module in built:  # those bitsandbytes replaced are no longer in the model
+        module.__class__ = fast
 
 
 def generation_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -84,6 +113,13 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
     @property
     def language_model(self) -> DeepseekV2ForCausalLM:
         return self.language
+
+    @classmethod
+    def get_init_context(cls, dtype, is_quantized, _is_ds_init_called, allow_all_kernels, config=None) -> list:
+        """transformers' contexts for building the model in ``from_pretrained``; with a ``BitsAndBytesConfig`` the
+        language model's linears are built so that bitsandbytes converts them."""
+        contexts = super().get_init_context(dtype, is_quantized, _is_ds_init_called, allow_all_kernels, config)
+        return [*contexts, plain_language_linears()] if quantized_by_bitsandbytes(config) else contexts
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
@@ -128,7 +164,11 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
                 "model.safetensors.index.json) and that config.json belongs to these weights."
             )
         if cast_to is not None:
-            cast_releasing_pages(model, cast_to)
+            cast_releasing_pages(model, cast_to, safetensors_files(pretrained_model_name_or_path, **hub))
+        if quantized_by_bitsandbytes(model.config):
+            from ..quantization import fit_bitsandbytes_cpu_kernel
+
+            fit_bitsandbytes_cpu_kernel(model)
         return (model, info) if want_info else model
 
     def get_input_embeddings(self) -> nn.Embedding:

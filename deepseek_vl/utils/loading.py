@@ -14,13 +14,20 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.utils import cached_file
 
-__all__ = ["HUB_KEYWORDS", "cast_releasing_pages", "checkpoint_files", "load_at_stored_dtype", "stored_dtype"]
+__all__ = [
+    "HUB_KEYWORDS",
+    "cast_releasing_pages",
+    "checkpoint_files",
+    "load_at_stored_dtype",
+    "safetensors_files",
+    "stored_dtype",
+]
 
 # from_pretrained's keywords for a Hub repo id, passed on to every lookup.
 HUB_KEYWORDS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
@@ -30,14 +37,15 @@ _MADV_DONTNEED = 4
 
 def load_at_stored_dtype(path: str | os.PathLike, kwargs: dict) -> torch.dtype | None:
     """For a CPU load into a dtype other than the one every tensor of the checkpoint is stored in: switch
-    ``kwargs`` to the stored dtype and return the requested one (for ``cast_releasing_pages``); else None."""
+    ``kwargs`` to the stored dtype and return the requested one (for ``cast_releasing_pages``); else None (also for a
+    ``variant``, whose files are not the ones read here)."""
     requested = kwargs.get("dtype", kwargs.get("torch_dtype"))
     if isinstance(requested, str) and requested != "auto":
         requested = getattr(torch, requested, None)
     if (
         not isinstance(requested, torch.dtype)
         or kwargs.get("device_map") not in (None, "cpu")
-        or any(kwargs.get(key) is not None for key in ("quantization_config", "state_dict", "gguf_file"))
+        or any(kwargs.get(key) is not None for key in ("quantization_config", "state_dict", "gguf_file", "variant"))
     ):
         return None
     hub = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
@@ -51,7 +59,7 @@ def load_at_stored_dtype(path: str | os.PathLike, kwargs: dict) -> torch.dtype |
 
 def stored_dtype(path: str | os.PathLike, **hub) -> torch.dtype | None:
     """The one floating dtype of every tensor of the checkpoint's safetensors files, else None (mixed or not found)."""
-    files = _safetensors_files(path, **hub)
+    files = safetensors_files(path, **hub)
     dtypes = set()
     for file in files:
         with open(file, "rb") as f:
@@ -72,7 +80,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"no model.safetensors(.index.json) in {folder}")
 
 
-def _safetensors_files(path: str | os.PathLike, subfolder: str = "", **hub) -> list[Path]:
+def safetensors_files(path: str | os.PathLike, subfolder: str = "", **hub) -> list[Path]:
     """The checkpoint's safetensors files, local or already in the Hub cache (nothing is downloaded here)."""
     local = Path(path) / subfolder
     if local.is_dir():
@@ -80,6 +88,9 @@ def _safetensors_files(path: str | os.PathLike, subfolder: str = "", **hub) -> l
             return checkpoint_files(local)
         except FileNotFoundError:
             return []
+    # Imported here: importing transformers imports deepseek_vl.models, which imports this module.
+    from transformers.utils import cached_file
+
     hub = {k: v for k, v in hub.items() if k in ("revision", "token", "cache_dir")}
 
     def find(name: str) -> Path | None:
@@ -100,10 +111,11 @@ def _safetensors_files(path: str | os.PathLike, subfolder: str = "", **hub) -> l
     return shards if all(shards) else []
 
 
-def cast_releasing_pages(model: nn.Module, dtype: torch.dtype) -> None:
+def cast_releasing_pages(model: nn.Module, dtype: torch.dtype, files: Iterable[Path] = ()) -> None:
     """``model.to(dtype)`` for the floating parameters and buffers, one tensor at a time, releasing each source's
-    pages of a mapped checkpoint file as soon as it is cast (they stay in the page cache, not in this process)."""
-    release = _page_releaser()
+    pages of a mapped checkpoint file (``files``, or any .safetensors file) as soon as it is cast (they stay in the
+    page cache, not in this process)."""
+    release = _page_releaser(files)
     seen: set[int] = set()
     for module in model.modules():
         for tensors in (module._parameters, module._buffers):
@@ -118,8 +130,9 @@ def cast_releasing_pages(model: nn.Module, dtype: torch.dtype) -> None:
         config.dtype = dtype
 
 
-def _page_releaser():
-    """madvise(MADV_DONTNEED) over the whole pages of a cast tensor that lie in a mapping of a .safetensors file.
+def _page_releaser(files: Iterable[Path] = ()):
+    """madvise(MADV_DONTNEED) over the whole pages of a cast tensor that lie in a mapping of a .safetensors file or
+    of one of ``files``: a checkpoint in the Hub cache is mapped through its blob, a file named by its hash.
 
     Only there: on anonymous memory it would zero data, while file pages are read again from the file if ever
     touched (the source tensor is no longer used by the model; the pages are whole pages of it alone). A no-op
@@ -127,11 +140,12 @@ def _page_releaser():
     """
     if not sys.platform.startswith("linux"):
         return lambda tensor: None
+    checkpoint = {os.path.realpath(file) for file in files}
     mapped = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split()
-            if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+            if len(fields) >= 6 and (fields[5].endswith(".safetensors") or fields[5] in checkpoint):
                 start, end = (int(x, 16) for x in fields[0].split("-"))
                 mapped.append((start, end))
     libc = ctypes.CDLL(None, use_errno=True)
