@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import logging
 import queue
 import threading
 import time
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["Engine", "EngineClosed", "EngineStream", "Handle"]
 
 MiB = 1024 * 1024
+_log = logging.getLogger("deepseek_vl.engine")
 
 
 class EngineClosed(RuntimeError):
@@ -64,10 +66,18 @@ class Handle:
 
 
 class _Sink:
-    """The streamer's queue stand-in: pieces go straight to the request's callback."""
+    """The streamer's queue stand-in: pieces go straight to the request's callback. A callback that raises ends its
+    own request with that error (at the end of the step); raised into the step, it would fail the whole batch."""
 
-    def __init__(self, callback: Callable[[str], None]) -> None:
-        self.put = callback
+    def __init__(self, seq: Sequence, callback: Callable[[str], None]) -> None:
+        self.seq, self.callback = seq, callback
+
+    def put(self, piece: str) -> None:
+        if self.seq.error is None:
+            try:
+                self.callback(piece)
+            except Exception as error:  # noqa: BLE001 - the caller's failure, reported to its own request
+                self.seq.error = error
 
 
 class Engine:
@@ -142,7 +152,7 @@ class Engine:
             seq.cancel = cancel
         seq.generator = new_generator(settings.seed, self.runner.device) if settings.temperature > 0 else None
         if on_piece is not None:
-            seq.streamer = _PieceStreamer(self.chat._decode, settings.stop, _Sink(on_piece))
+            seq.streamer = _PieceStreamer(self.chat._decode, settings.stop, _Sink(seq, on_piece))
             seq.streamer.put(None)  # its first call is the prompt
         handle = Handle(seq)
         with self.cond:
@@ -159,10 +169,13 @@ class Engine:
     def generate(self, conversations: list[list[dict[str, Any]]], **kwargs: Any) -> list[ChatResult]:
         """Answer several conversations continuously (inline when the engine thread is not running)."""
         handles = [self.submit(messages, **kwargs) for messages in conversations]
-        if self.thread is None:
-            while not all(h.done.is_set() for h in handles):
-                self.step()
+        self._step_inline(lambda: all(h.done.is_set() for h in handles))
         return [handle.wait() for handle in handles]
+
+    def _step_inline(self, ready: Callable[[], bool]) -> None:
+        """Without the engine thread, the caller's thread steps the engine until ``ready()``; with it, returns."""
+        while self.thread is None and not ready():
+            self.step()
 
     @property
     def queued(self) -> int:
@@ -186,32 +199,42 @@ class Engine:
         atexit.register(self.stop)
 
     def stop(self) -> None:
-        """Stop after the current step; unfinished requests end with `EngineClosed`."""
+        """Stop after the current step; unfinished requests end with `EngineClosed` (also without the thread)."""
         atexit.unregister(self.stop)
         with self.cond:
             self.closed = True
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=30)
+        else:
+            self._end_unfinished()
 
     def _loop(self) -> None:
         with torch.inference_mode():  # ending requests here, outside `step`, writes the cache in place too
-            while True:
+            try:
+                while True:
+                    with self.cond:
+                        while not self.closed and not self.incoming and not self.scheduler.has_work():
+                            self.cond.wait()
+                        if self.closed:
+                            break
+                    try:
+                        self.step()
+                    except Exception as error:  # noqa: BLE001 - a failed step fails the requests it ran, not the engine
+                        self._abort_running(error)
+            finally:  # however the loop ends (stop, or a BaseException): refuse new requests, end unfinished ones
                 with self.cond:
-                    while not self.closed and not self.incoming and not self.scheduler.has_work():
-                        self.cond.wait()
-                    if self.closed:
-                        break
-                try:
-                    self.step()
-                except Exception as error:  # noqa: BLE001 - a failed step fails the requests it ran, not the engine
-                    self._abort_running(error)
-            self._take_incoming()
-            closed = EngineClosed("the engine stopped")
-            for seq in list(self.scheduler.waiting):
-                self.scheduler.drop_waiting(seq)
-                self._report(seq, closed)
-            self._abort_running(closed)
+                    self.closed = True
+                self._end_unfinished()
+
+    def _end_unfinished(self) -> None:
+        """End every request submitted and not finished with `EngineClosed`: nothing is left waiting forever."""
+        self._take_incoming()
+        closed = EngineClosed("the engine stopped")
+        for seq in list(self.scheduler.waiting):
+            self.scheduler.drop_waiting(seq)
+            self._report(seq, closed)
+        self._abort_running(closed)
 
     def _abort_running(self, error: BaseException) -> None:
         """End every running request with `error` and drop the cache: a failed step may have left rows half written."""
@@ -239,7 +262,11 @@ class Engine:
             if seq.status is not Status.PREFILLING:
                 continue
             count = min(count, seq.remaining_prompt)
-            logits = self.runner.prefill(seq, count) if count else None
+            try:
+                logits = self.runner.prefill(seq, count) if count else None
+            except Exception as error:  # noqa: BLE001 - it wrote only this request's slot: the others go on
+                self._finish(seq, error)
+                continue
             if logits is not None:
                 self._accept(seq, sample(logits[None], [seq])[0])
                 finished_prefill.append(seq)
@@ -250,8 +277,8 @@ class Engine:
                 self._accept(seq, token)
             self.max_batch = max(self.max_batch, len(plan.decode))
         for seq in plan.decode + finished_prefill:
-            if seq.finish_reason is not None:
-                self._finish(seq)
+            if seq.finish_reason is not None or seq.error is not None:
+                self._finish(seq, seq.error)
             elif seq.status is Status.PREFILLING:
                 self._move(self.scheduler.join(seq))
         if not self.scheduler.running:
@@ -314,14 +341,18 @@ class Engine:
             )
             if seq.streamer is not None and not seq.cancel.is_set():
                 seq.streamer.emit(result.text)
-            handle.result = result
-        else:
-            handle.error = error
+            error = seq.error  # the caller's on_piece may have raised, on this last piece too
+            if error is None:
+                handle.result = result
+        handle.error = error
         if self.metrics is not None:
             self.metrics.observe_finish(seq, error)
         handle.done.set()
         if seq.on_done is not None:
-            seq.on_done(handle.result if error is None else error)
+            try:
+                seq.on_done(handle.result if error is None else error)
+            except Exception:  # the request is reported; its caller's failing callback must not fail the batch
+                _log.exception("the on_done callback of an engine request raised")
 
 
 class EngineStream:
@@ -331,17 +362,22 @@ class EngineStream:
 
     def __init__(self, engine: Engine, messages: list[dict[str, Any]], **kwargs: Any) -> None:
         self.result: ChatResult | None = None
+        self._engine = engine
         self._pieces: queue.Queue = queue.Queue()
         self.handle = engine.submit(
             messages, on_piece=self._pieces.put, on_done=lambda _: self._pieces.put(self._DONE), **kwargs
         )
 
     def __iter__(self):
-        while (piece := self._pieces.get()) is not self._DONE:
+        while True:
+            self._engine._step_inline(lambda: not self._pieces.empty())  # no engine thread: this one generates
+            if (piece := self._pieces.get()) is self._DONE:
+                break
             yield piece
         self.result = self.handle.wait()
 
     def close(self) -> None:
         self.handle.cancel()
+        self._engine._step_inline(self.handle.done.is_set)
         self.handle.done.wait()
         self.result = self.handle.result

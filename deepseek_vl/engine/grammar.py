@@ -1,7 +1,7 @@
 """Structured output: OpenAI ``response_format`` (json_object, json_schema) as a per-row mask on the logits.
 
 xgrammar compiles the schema once into a grammar over this tokenizer's vocabulary and gives each row a matcher
-that yields the bitmask of allowed next tokens in microseconds, with its compiled grammars cached. It is the
+that yields the bitmask of allowed next tokens in microseconds, its compiled grammars cached (bounded). It is the
 structured-output backend of vLLM and SGLang, ships wheels for CPU and CUDA, and has a ``transformers`` logits
 processor, so the engine and `VLChat` (plain ``generate``) use the same grammars. Outlines is slower to compile and
 llguidance has no ``transformers`` processor. Whitespace between JSON tokens is the compact one: free whitespace
@@ -19,6 +19,7 @@ import torch
 
 __all__ = ["GrammarState", "compile_response_format", "grammar_for", "logits_processor"]
 
+GRAMMAR_CACHE_BYTES = 256 * 1024 * 1024  # compiled grammars kept (LRU); each distinct schema is ~100 kB and up
 _compilers: dict[int, Any] = {}
 _lock = threading.Lock()
 
@@ -30,7 +31,7 @@ def _compiler(tokenizer: Any, vocab_size: int) -> Any:
         key = id(tokenizer)
         if key not in _compilers:
             info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-            _compilers[key] = xgr.GrammarCompiler(info)
+            _compilers[key] = xgr.GrammarCompiler(info, cache_limit_bytes=GRAMMAR_CACHE_BYTES)  # clients' schemas vary
         return _compilers[key]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,9 @@ class EngineMetrics:
         self.cache_hit_rate = Gauge(
             PREFIX + "cache_hit_rate", "Share of lookups answered from the cache", ["cache"], registry=r
         )
-        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (step end, tokens)
+        self._recent_lock = threading.Lock()  # steps append on the engine thread, scrapes read on the server's
+        self.tokens_per_second.set_function(self._rate)
 
     def observe_token(self, seq: Sequence, now: float) -> None:
         if seq.first_token_at is None:
@@ -56,13 +59,23 @@ class EngineMetrics:
             self.per_token.observe(now - seq.last_token_at)
         self.tokens.inc()
 
-    def observe_step(self, engine: Engine) -> None:
-        now = time.monotonic()
-        self._recent.append((now, engine.step_tokens))
+    def _forget_old_steps(self, now: float) -> None:
         while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
             self._recent.popleft()
-        span = max(now - self._recent[0][0], 1e-3) if len(self._recent) > 1 else RATE_WINDOW_S
-        self.tokens_per_second.set(sum(count for _, count in self._recent) / span)
+
+    def _rate(self) -> float:
+        """Tokens per second over the last ``RATE_WINDOW_S``, as of the scrape: an idle engine falls to 0."""
+        now = time.monotonic()
+        with self._recent_lock:
+            self._forget_old_steps(now)
+            span = max(now - self._recent[0][0], 1e-3) if len(self._recent) > 1 else RATE_WINDOW_S
+            return sum(count for _, count in self._recent) / span
+
+    def observe_step(self, engine: Engine) -> None:
+        now = time.monotonic()
+        with self._recent_lock:
+            self._recent.append((now, engine.step_tokens))
+            self._forget_old_steps(now)  # also without scrapes, the window holds 10 s of steps, no more
         self.queue_length.set(engine.queued)
         self.running_rows.set(engine.scheduler.running)
         runner = engine.runner

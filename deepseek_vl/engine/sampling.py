@@ -1,8 +1,9 @@
 """Next tokens for a batch of rows that each have their own settings: penalty, grammar, greedy or seeded sampling.
 
 The order is the one of ``transformers`` ``generate`` for these settings (repetition penalty, then temperature,
-then top-p), so a greedy row picks the token ``generate`` picks. Every sampled row draws from its own
-``torch.Generator``: with a seed, its answer does not depend on which requests share the batch.
+then top-k, then top-p), so a greedy row picks the token ``generate`` picks and a seeded row draws the token
+``VLChat.chat(seed=...)`` draws. Every sampled row draws from its own ``torch.Generator``: with a seed, its answer
+does not depend on which requests share the batch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 
 from deepseek_vl.engine.sequence import Sequence
 
-__all__ = ["new_generator", "sample"]
+__all__ = ["TOP_K", "new_generator", "sample"]
+
+TOP_K = 50  # generate's default top-k, which the official demo and `VLChat` sample with (they never set one)
 
 
 def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -59,7 +62,10 @@ def penalise(scores: torch.Tensor, seq: Sequence) -> None:
 
 
 def draw(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """transformers' temperature, top-k and top-p warpers, then one multinomial draw: the same numbers, same token."""
     scores = scores / temperature
+    kth = scores.topk(min(TOP_K, scores.shape[-1])).values[-1]
+    scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p < 1.0:
         ordered, order = scores.sort()  # ascending: the tail to drop comes first
         tail = ordered.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p

@@ -57,6 +57,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     finish_reason: str | None = None
+    error: BaseException | None = None  # its own failure (its caller's on_piece raised): it ends with this error
 
     def __post_init__(self) -> None:
         self.prompt_ids = self.sample.input_ids.tolist()
