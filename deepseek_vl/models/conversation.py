@@ -29,6 +29,7 @@ class Conversation:
     system_message: str = ""
     messages: list[tuple[str, str]] = field(default_factory=list)
     stop_str: tuple[str, ...] = ()
+    offset: int = 0  # number of leading few-shot messages (official field; the official web demo reads it)
 
     def set_system_message(self, system_message: str) -> None:
         self.system_message = system_message
@@ -36,6 +37,12 @@ class Conversation:
     def append_message(self, role: str, message: str | None) -> None:
         """Append a turn; an empty or None message renders as "{role}:" (the slot the model completes)."""
         self.messages.append((role, message or ""))
+
+    def update_last_message(self, message: str | None) -> None:
+        """Replace the content of the last turn, e.g. the open assistant turn once the answer is generated
+        (official API, used by the official web demo)."""
+        role, _ = self.messages[-1]
+        self.messages[-1] = (role, message or "")
 
     def reset_message(self) -> None:
         self.messages = []

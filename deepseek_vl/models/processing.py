@@ -292,6 +292,11 @@ class DeepseekVLV2Processor:
         conv.append_message(conv.roles[1], "")
         return conv.get_prompt().strip()
 
+    def decode(self, t: Sequence[int] | torch.Tensor, **kwargs: Any) -> str:
+        """``tokenizer.decode`` (the official processor's method): ids of an answer -> text, grounding tags kept
+        unless ``skip_special_tokens=True``."""
+        return self.tokenizer.decode(t, **kwargs)
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         _check_unicode(text)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
