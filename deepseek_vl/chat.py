@@ -426,8 +426,7 @@ class ChatStream:
     def _work(self) -> None:
         try:
             result = self._run(self._streamer, self._cancel)
-            if not self._cancel.is_set():
-                self._streamer.emit(result.text)
+            self._streamer.emit(result.text)  # what was held back is final now, after close() too
             self.result = result
         except BaseException as error:  # re-raised in the consumer's thread by __iter__
             self._error = error

@@ -27,7 +27,7 @@ if not CHROMIUM.is_file():
 
 from playwright.sync_api import BrowserContext, Page, Route, expect, sync_playwright
 
-from deepseek_vl.serve.demo import build_demo, launch
+from deepseek_vl.serve.demo import BUSY, build_demo, launch
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -157,6 +157,27 @@ def test_stop_ends_the_answer(page: Page):
         page.click("#stop")
         expect(page.locator("#status")).to_contain_text("(stopped)")
     assert "100" not in page.locator("#chatbot .bot").inner_text()
+
+
+def test_enter_and_clear_while_an_answer_streams(page: Page):
+    """A second question is refused while the answer streams; Clear stops the answer and the chat stays empty."""
+    set_max_new_tokens(page, 300)
+    page.fill("#prompt textarea", "Count to one hundred.")
+    with forced_answer(tiny_chat(), " ".join(str(n) for n in range(1, 101)), step_seconds=0.05):
+        page.click("#send")
+        expect(page.locator("#chatbot .bot")).to_contain_text("1 2 3")
+        page.fill("#prompt textarea", "Hello?")
+        page.press("#prompt textarea", "Enter")
+        expect(page.locator("#status")).to_have_text(BUSY)
+        page.click("#clear")
+        expect(page.locator("#chatbot .bot")).to_have_count(0)
+        page.wait_for_timeout(500)  # an update of the stopped answer arriving late would show it again
+        expect(page.locator("#chatbot .bot")).to_have_count(0)
+    set_max_new_tokens(page, 2)
+    page.fill("#prompt textarea", "Hi")
+    page.click("#send")
+    expect(page.locator("#status")).to_contain_text("Turn 1:")
+    expect(page.locator("#chatbot .user")).to_have_text(["Hi"])
 
 
 def test_bad_upload_is_explained(page: Page, tmp_path: Path):

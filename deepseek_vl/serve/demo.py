@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +45,7 @@ MODEL_CARD_EXAMPLES: tuple[tuple[tuple[str, ...], str], ...] = (
 """(image file names of the official repo's `images/` folder, prompt); images without `<image>` tags go first."""
 
 CONCURRENT_SESSIONS = 8  # sessions answered at the same time (rows of the engine's batch)
+BUSY = "⚠️ The previous answer is still being written: wait for it, or press Stop."
 
 INTRO = """# DeepSeek-VL2
 Upload images, ask a question, press **Send**. Ground objects with `<|ref|>the red car<|/ref|>` or
@@ -66,7 +69,8 @@ def build_demo(
 
     engine = Engine(chat, max_rows=CONCURRENT_SESSIONS)
     engine.start()
-    active: dict[str, EngineStream] = {}  # session -> its running answer, so Stop can end it from another request
+    active: dict[str, _Answer] = {}  # session -> its answer in progress, so Stop and Clear reach it from elsewhere
+    active_lock = threading.Lock()
     context = int(chat.model.config.language_config.max_position_embeddings)
 
     def respond(
@@ -80,6 +84,36 @@ def build_demo(
         max_new_tokens: float,
         repetition_penalty: float,
         request: gr.Request,
+    ) -> Iterator[tuple]:
+        """One answer at a time per session: Enter pressed while Send's answer streams would run a second turn on
+        the same conversation, and the turn that finished first would be lost from what the model sees."""
+        with active_lock:
+            busy = request.session_hash in active
+            answer = active.setdefault(request.session_hash, _Answer())
+        if busy:
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), BUSY, gr.skip()
+            return
+        try:
+            yield from answer_turn(
+                answer, prompt, gallery, conversation, sent, history,
+                temperature, top_p, max_new_tokens, repetition_penalty,
+            )  # fmt: skip
+        finally:
+            with active_lock:
+                del active[request.session_hash]
+            answer.finished.set()
+
+    def answer_turn(
+        answer: _Answer,
+        prompt: str,
+        gallery: list | None,
+        conversation: list[dict[str, Any]],
+        sent: list[str],
+        history: list[dict[str, Any]],
+        temperature: float,
+        top_p: float,
+        max_new_tokens: float,
+        repetition_penalty: float,
     ) -> Iterator[tuple]:
         """Stream one answer; yields (chatbot, conversation, sent, annotated image, status, prompt box)."""
         prompt = (prompt or "").strip()
@@ -110,21 +144,28 @@ def build_demo(
             yield history, conversation, sent, gr.skip(), f"⚠️ {error}", gr.skip()
             return
 
+        answer.stream = stream
+        if answer.cancelled.is_set():  # Stop came while the turn was prepared
+            stream.close()
         shown = [gr.Image(p, show_label=False, height=160) for p in new_paths]
+        before = history
         history = [
             *history,
             *({"role": "user", "content": image} for image in shown),
             {"role": "user", "content": prompt},
         ]
         history.append({"role": "assistant", "content": ""})
-        active[request.session_hash] = stream
         try:
             yield history, conversation, sent, None, "Generating...", ""
             for piece in stream:
                 history[-1] = {"role": "assistant", "content": history[-1]["content"] + piece}
                 yield history, conversation, sent, gr.skip(), gr.skip(), gr.skip()
+        except Exception as error:  # noqa: BLE001 - shown in the status line, which would otherwise say Generating...
+            problem = f"⚠️ The answer failed ({type(error).__name__}: {error}); the turn was not kept: send it again."
+            gr.Warning(problem)
+            yield before, conversation, sent, gr.skip(), problem, prompt
+            return
         finally:
-            active.pop(request.session_hash, None)
             if stream.result is None:
                 stream.close()
         result = stream.result
@@ -134,13 +175,25 @@ def build_demo(
         annotated = None
         if result.grounding.boxes and all_images:
             labels = ", ".join(dict.fromkeys(box.label or "box" for box in result.grounding.boxes))
-            annotated = gr.Image(draw_grounding(all_images[-1], result.grounding), label=f"Grounding: {labels}")
+            drawn = draw_grounding(all_images[-1], result.grounding, image_index=len(all_images) - 1)
+            annotated = gr.Image(drawn, label=f"Grounding: {labels}")
         yield history, conversation, [*sent, *new_paths], annotated, status, gr.skip()
 
     def stop(request: gr.Request) -> None:
-        stream = active.get(request.session_hash)
-        if stream is not None:
-            stream.close()
+        with active_lock:
+            answer = active.get(request.session_hash)
+        if answer is not None:
+            answer.stop()
+
+    def clear_chat(request: gr.Request) -> tuple:
+        """Empty the chat; an answer still streaming is stopped and waited for, else its last update, which carries
+        the conversation with its turn, would land after this one and bring the cleared conversation back."""
+        with active_lock:
+            answer = active.get(request.session_hash)
+        if answer is not None:
+            answer.stop()
+            answer.finished.wait()
+        return [], [], [], None, "", None
 
     with gr.Blocks(title="DeepSeek-VL2", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
@@ -184,10 +237,23 @@ def build_demo(
         send.click(respond, inputs, outputs)
         prompt.submit(respond, inputs, outputs)
         stop_button.click(stop, None, None, queue=False)
-        clear.click(
-            lambda: ([], [], [], None, "", None), None, [chatbot, conversation, sent, annotated, status, gallery]
-        )
+        clear.click(clear_chat, None, [chatbot, conversation, sent, annotated, status, gallery])
     return demo
+
+
+@dataclass
+class _Answer:
+    """A session's answer in progress; its stream is None while the turn is prepared (images loaded, counted)."""
+
+    stream: EngineStream | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)  # its last update has been sent
+
+    def stop(self) -> None:
+        """End the answer after its current token; one still prepared ends as soon as its stream exists."""
+        self.cancelled.set()
+        if self.stream is not None:
+            self.stream.close()
 
 
 def _examples(examples_dir: str | os.PathLike | None, gallery: gr.Gallery, prompt: gr.Textbox) -> None:
