@@ -148,3 +148,61 @@ def test_incremental_prefilling_then_sampling_equals_the_official(processor, mod
     prompt = inputs.input_ids.shape[1]
     assert torch.equal(out[:, :prompt], inputs.input_ids)
     assert out[0, prompt:].tolist() == OFFICIAL_SAMPLED_GROUNDING[:16]
+
+
+# The official rotary tables after `model.to(dtype)` (the model card's way to run in bf16), at positions 257, 1446 and
+# 4095, first half of the dims (the second repeats it): recorded from the official DeepseekV2RotaryEmbedding (MLA:
+# Small, Base) and transformers 4.38.2's LlamaRotaryEmbedding (MHA: Tiny), dim 8 as in the golden checkpoints,
+# base 10000, each built in fp32 and cast with `.to(dtype)`, then called as the official attention calls them.
+OFFICIAL_ROTARY_AFTER_TO = {
+    ("small", torch.bfloat16): (
+        [[-0.039794921875, 0.8828125, -0.8359375, 0.96875], [-0.9609375, 0.8828125, -0.35546875, 0.125],
+         [0.8046875, -0.022216796875, -0.98828125, -0.578125]],
+        [[-1.0, 0.47265625, 0.546875, 0.25390625], [0.271484375, 0.466796875, 0.93359375, 0.9921875],
+         [-0.59375, 1.0, -0.158203125, -0.81640625]],
+    ),
+    ("tiny", torch.bfloat16): (
+        [[0.8203125, 0.828125, -0.84375, 0.96875], [0.6484375, 0.97265625, -0.330078125, 0.125],
+         [-0.06591796875, 0.07763671875, -0.98828125, -0.58203125]],
+        [[-0.57421875, 0.55859375, 0.5390625, 0.25390625], [0.76171875, 0.2255859375, 0.9453125, 0.9921875],
+         [-0.99609375, 0.99609375, -0.1484375, -0.8125]],
+    ),
+    ("small", torch.float16): (
+        [[0.8193359375, 0.85009765625, -0.84130859375, 0.96728515625],
+         [0.64697265625, 0.99365234375, -0.318115234375, 0.12420654296875],
+         [0.80419921875, 0.4599609375, -0.99169921875, -0.57666015625]],
+        [[-0.5732421875, 0.52685546875, 0.54052734375, 0.254150390625],
+         [0.7626953125, 0.11151123046875, 0.9482421875, 0.9921875],
+         [-0.5947265625, 0.88818359375, -0.127685546875, -0.81689453125]],
+    ),
+    ("tiny", torch.float16): (
+        [[0.8193359375, 0.8466796875, -0.84130859375, 0.96728515625],
+         [0.64697265625, 0.99853515625, -0.320068359375, 0.1239013671875],
+         [-0.06597900390625, 0.54638671875, -0.9931640625, -0.57763671875]],
+        [[-0.5732421875, 0.5322265625, 0.54052734375, 0.25439453125],
+         [0.7626953125, 0.051422119140625, 0.947265625, 0.9921875],
+         [-0.998046875, 0.837890625, -0.1177978515625, -0.81640625]],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("variant", "dtype"), list(OFFICIAL_ROTARY_AFTER_TO))
+def test_rotary_after_model_to_dtype_is_the_official_one(variant: str, dtype: torch.dtype) -> None:
+    """`model.to(dtype)` casts the official fp32 `inv_freq` buffer: the MLA table is then built in that dtype,
+    positions included (1446 -> 1448 in bf16), the MHA one from rounded frequencies. Loading straight into the dtype
+    keeps the official buffer in fp32: those tables are the exact ones, cast."""
+    positions = torch.tensor([[257, 1446, 4095]])
+    expected_cos, expected_sin = (torch.tensor(table) for table in OFFICIAL_ROTARY_AFTER_TO[variant, dtype])
+    cast = DeepseekVLV2ForCausalLM.from_pretrained(checkpoint(variant), dtype=torch.float32).to(dtype)
+    cos, sin = cast.language.model.rotary_emb(positions, dtype)
+    assert torch.equal(cos[0, :, :4].float(), expected_cos) and torch.equal(sin[0, :, :4].float(), expected_sin)
+    assert torch.equal(cos[..., :4], cos[..., 4:])
+
+    loaded = DeepseekVLV2ForCausalLM.from_pretrained(checkpoint(variant), dtype=dtype)
+    exact_cos, exact_sin = loaded.language.model.rotary_emb(positions, dtype)
+    fp32_cos, fp32_sin = loaded.language.model.rotary_emb(positions, torch.float32)
+    assert torch.equal(exact_cos, fp32_cos.to(dtype)) and torch.equal(exact_sin, fp32_sin.to(dtype))
+    assert not torch.equal(exact_cos[0, :, :4].float(), expected_cos)
+    # back to fp32 after the cast: the official buffer keeps its rounded values, the positions are exact again
+    cos32, _ = cast.float().language.model.rotary_emb(positions, torch.float32)
+    assert cos32.dtype == torch.float32 and not torch.equal(cos32, fp32_cos)

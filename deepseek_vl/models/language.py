@@ -159,11 +159,19 @@ class DeepseekV2RotaryEmbedding(nn.Module):
 
     Frequencies are computed per call (dim/2 numbers): a buffer would be left unset when transformers
     builds the model on the meta device, as ``from_pretrained`` does.
+
+    ``model.to(torch.bfloat16)`` (the model card's way to run in bf16) also casts the official code's fp32
+    ``inv_freq`` buffer, and its unscaled rotary then computes with the rounded frequencies: the MHA one (Tiny,
+    transformers' Llama rotary) in fp32, the MLA one (Small, Base) with the whole table in that dtype, positions
+    included (in bf16, 1446 becomes 1448). ``_apply`` records those casts, so the same call gives the official
+    numbers here; loading straight into a dtype (``dtype=``), where the official buffer stays fp32, computes exactly.
     """
 
     def __init__(self, config: DeepseekV2Config, dim: int) -> None:
         super().__init__()
         self.dim, self.base = dim, config.rope_theta
+        self.table_in_buffer_dtype = bool(config.use_mla)  # the official MLA rotary; MHA uses transformers' Llama one
+        self.buffer_casts: tuple[torch.dtype, ...] = ()  # dtypes `.to()` / `.half()` gave the official buffer
         self.max_position_embeddings = config.max_position_embeddings
         self.scaling = config.rope_scaling or {}
         self.kind = self.scaling.get("type", self.scaling.get("rope_type", "default"))
@@ -183,13 +191,29 @@ class DeepseekV2RotaryEmbedding(nn.Module):
             base = base * ntk ** (self.dim / (self.dim - 2))
         return 1.0 / base ** (torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Follow the official fp32 ``inv_freq`` buffer through ``.to(dtype)``, ``.half()``, ``.float()``..."""
+        buffer_dtype = self.buffer_casts[-1] if self.buffer_casts else torch.float32
+        cast = fn(torch.zeros((), dtype=buffer_dtype)).dtype
+        if cast != buffer_dtype:
+            self.buffer_casts = (*self.buffer_casts, cast)
+        return super()._apply(fn, recurse)
+
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         positions = position_ids.float()
         if self.kind == "linear":
             positions = positions / self.factor
         seq_len = int(position_ids.max()) + 1 if self.kind == "dynamic" else 0
-        freqs = positions[..., None] * self.inv_freq(seq_len).to(positions.device)  # (B, T, dim/2)
+        inv_freq = self.inv_freq(seq_len).to(positions.device)
+        if self.buffer_casts and self.kind == "default":  # the official numbers after a cast: see the class docstring
+            for cast in self.buffer_casts:
+                inv_freq = inv_freq.to(cast)
+            if self.table_in_buffer_dtype:
+                positions = positions.to(inv_freq.dtype)
+            else:
+                inv_freq = inv_freq.float()
+        freqs = positions[..., None] * inv_freq  # (B, T, dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.mscale).to(dtype), (emb.sin() * self.mscale).to(dtype)
 
