@@ -144,6 +144,15 @@ def test_annotate_into_a_read_only_folder_fails_before_the_model_loads(capsys, m
     assert "its folder is not writable" in capsys.readouterr().err
 
 
+def test_an_unusable_json_schema_fails_before_the_model_loads(capsys, monkeypatch, tmp_path: Path) -> None:
+    pytest.importorskip("xgrammar", reason="--json-schema is the serve extra")
+    monkeypatch.setattr("deepseek_vl.serve.cli.load_chat", lambda args: pytest.fail("the model loaded"))
+    (tmp_path / "schema.json").write_text('{"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}')
+    assert main(["generate", "hi", "--json-schema", str(tmp_path / "schema.json")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a usable JSON schema: Cannot find field 'nowhere' in #/nowhere" in err and err.count("\n") == 1
+
+
 HEAVY_MODULES = ("torch", "transformers", "fastapi", "gradio", "uvicorn", "numpy", "deepseek_vl.models")
 
 

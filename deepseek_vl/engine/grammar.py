@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GrammarState", "compile_response_format", "grammar_for", "logits_processor"]
+__all__ = ["GrammarState", "check_response_format", "compile_response_format", "grammar_for", "logits_processor"]
 
 GRAMMAR_CACHE_BYTES = 256 * 1024 * 1024  # compiled grammars kept (LRU); each distinct schema is ~100 kB and up
 _compilers: dict[int, Any] = {}
@@ -35,28 +35,49 @@ def _compiler(tokenizer: Any, vocab_size: int) -> Any:
         return _compilers[key]
 
 
-def compile_response_format(tokenizer: Any, vocab_size: int, response_format: dict[str, Any]) -> Any | None:
-    """The compiled grammar of a response_format, None for plain text; ValueError says what is wrong with it."""
+def _json_schema(response_format: dict[str, Any]) -> tuple[str, bool] | None:
+    """(schema text, strict) of a response_format, None for plain text; ValueError says what is wrong with it."""
     if not isinstance(response_format, dict) or "type" not in response_format:
         raise ValueError('response_format must be an object like {"type": "json_object"}')
     kind = response_format["type"]
     if kind == "text":
         return None
-    compiler = _compiler(tokenizer, vocab_size)
     if kind == "json_object":
-        return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+        return '{"type": "object"}', True
     if kind != "json_schema":
         raise ValueError(f"response_format type {kind!r} is not supported; use text, json_object or json_schema")
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
         raise ValueError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
+    return json.dumps(spec["schema"]), bool(spec.get("strict", True))
+
+
+def _unusable(error: Exception) -> ValueError:
+    reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    reason = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", reason)  # xgrammar's "[time] file.cc:line: " prefix
+    return ValueError(f"response_format json_schema is not a usable JSON schema: {reason}")
+
+
+def check_response_format(response_format: dict[str, Any]) -> None:
+    """`compile_response_format`'s errors without a tokenizer: a command checks its schema before the model loads."""
+    import xgrammar as xgr
+
+    if (schema := _json_schema(response_format)) is not None:
+        try:
+            xgr.Grammar.from_json_schema(schema[0], any_whitespace=False, strict_mode=schema[1])
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise _unusable(error) from error
+
+
+def compile_response_format(tokenizer: Any, vocab_size: int, response_format: dict[str, Any]) -> Any | None:
+    """The compiled grammar of a response_format, None for plain text; ValueError says what is wrong with it."""
+    if (schema := _json_schema(response_format)) is None:
+        return None
+    compiler = _compiler(tokenizer, vocab_size)
     try:
-        strict = bool(spec.get("strict", True))
-        return compiler.compile_json_schema(json.dumps(spec["schema"]), any_whitespace=False, strict_mode=strict)
+        return compiler.compile_json_schema(schema[0], any_whitespace=False, strict_mode=schema[1])
     except (RuntimeError, ValueError, TypeError) as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        reason = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", reason)  # xgrammar's "[time] file.cc:line: " prefix
-        raise ValueError(f"response_format json_schema is not a usable JSON schema: {reason}") from error
+        raise _unusable(error) from error
 
 
 class GrammarState:

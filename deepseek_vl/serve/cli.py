@@ -334,7 +334,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def read_json_schema(path: str) -> dict[str, Any]:
-    """--json-schema FILE as an OpenAI response_format."""
+    """--json-schema FILE as an OpenAI response_format, checked before the model loads."""
+    from deepseek_vl.engine.grammar import check_response_format
+
     try:
         schema = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
@@ -343,7 +345,12 @@ def read_json_schema(path: str) -> dict[str, Any]:
         raise CLIError(f"--json-schema {path!r} is not valid JSON: {error}") from error
     if not isinstance(schema, dict):
         raise CLIError(f"--json-schema {path!r} must hold a JSON object (a schema)")
-    return {"type": "json_schema", "json_schema": {"name": Path(path).stem, "schema": schema}}
+    response_format = {"type": "json_schema", "json_schema": {"name": Path(path).stem, "schema": schema}}
+    try:
+        check_response_format(response_format)  # now, not after the model has loaded
+    except ValueError as error:
+        raise CLIError(f"--json-schema {path!r}: {error}") from None
+    return response_format
 
 
 def run_generate(args: argparse.Namespace) -> int:
