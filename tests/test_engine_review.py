@@ -233,3 +233,24 @@ def test_concurrent_clients_with_cancels_all_finish(tiny: VLChat):
         assert not engine.busy and not engine.handles and engine.runner.cache.capacity == 0
     finally:
         engine.stop()
+
+
+def test_streamed_pieces_join_to_the_result_also_after_cancel(tiny: VLChat, monkeypatch):
+    """The streamer holds back a possible start of a stop string; a cancelled request never sent that tail, so the
+    demo showed less than the answer it kept (as `VLChat`'s stream did)."""
+    import torch
+
+    from deepseek_vl.engine import engine as engine_module
+
+    script = iter(tiny.tokenizer.encode("abc EN", add_special_tokens=False))
+    monkeypatch.setattr(engine_module, "sample", lambda logits, seqs: torch.tensor([next(script)] * len(seqs)))
+    pieces: list[str] = []
+    engine = Engine(tiny, max_rows=2)
+    handle = engine.submit(MESSAGES, max_new_tokens=50, stop="END", on_piece=pieces.append)
+    for _ in range(len(tiny.tokenizer.encode("abc EN", add_special_tokens=False))):
+        engine.step()
+    assert "".join(pieces) == "abc"  # " EN" may begin "END": held back
+    handle.cancel()
+    step_until_done(engine, [handle])
+    result = handle.wait()
+    assert (result.finish_reason, result.text, "".join(pieces)) == ("cancelled", "abc EN", "abc EN")

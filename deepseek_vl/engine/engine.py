@@ -339,8 +339,8 @@ class Engine:
             result = self.chat._result(
                 seq.output, seq.stopped_after, seq.prompt_length, seq.image_sizes, seq.options.stop, seq.cancel
             )
-            if seq.streamer is not None and not seq.cancel.is_set():
-                seq.streamer.emit(result.text)
+            if seq.streamer is not None:
+                seq.streamer.emit(result.text)  # what was held back is final now, after a cancel too
             error = seq.error  # the caller's on_piece may have raised, on this last piece too
             if error is None:
                 handle.result = result
