@@ -123,3 +123,18 @@ def test_a_failed_answer_is_reported_and_not_kept(demo_url: str, monkeypatch: py
     assert (chatbot, prompt) == ([], "Hi")  # the turn is not shown, the question is back in the box to resend
     monkeypatch.undo()
     assert send(client, "Hi")[2].startswith("Turn 1:")
+
+
+def test_exif_transpose_turns_uploads_upright(tmp_path) -> None:
+    """A phone photo (EXIF orientation 6) is shown upright by the browser; `demo --exif-transpose` gives the model
+    and the grounding panel that upright image too, and without it they keep the official (stored) pixels."""
+    from deepseek_vl.serve.cli import build_parser
+    from deepseek_vl.serve.demo import _load_upload
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / "phone.jpg", exif=exif)
+    assert _load_upload(str(tmp_path / "phone.jpg"), 10**6).size == (40, 20)
+    assert _load_upload(str(tmp_path / "phone.jpg"), 10**6, exif_transpose=True).size == (20, 40)
+    assert build_parser().parse_args(["demo", "--exif-transpose"]).exif_transpose is True
+    assert build_parser().parse_args(["demo"]).exif_transpose is False

@@ -119,6 +119,11 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "--max-image-pixels", type=positive_int, default=4096 * 4096, metavar="N",
         help="most pixels per image (default: %(default)s)",
     )  # fmt: skip
+    server.add_argument(
+        "--exif-transpose", action="store_true",
+        help="turn uploaded photos upright by their EXIF orientation, as the browser shows them (off by default, "
+        "like the official preprocessing: the model then sees a phone photo sideways)",
+    )  # fmt: skip
     parser.set_defaults(handler=run_demo)
     return parser
 

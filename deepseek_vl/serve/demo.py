@@ -59,6 +59,7 @@ def build_demo(
     examples_dir: str | os.PathLike | None = None,
     max_images: int = 8,
     max_image_pixels: int = 4096 * 4096,
+    exif_transpose: bool = False,
 ) -> gr.Blocks:
     """The demo's page around a loaded `VLChat`; `examples_dir` holds the model card's example images.
 
@@ -128,7 +129,7 @@ def build_demo(
             yield history, conversation, sent, gr.skip(), problem, gr.skip()
             return
         try:
-            images = [_load_upload(p, max_image_pixels) for p in new_paths]
+            images = [_load_upload(p, max_image_pixels, exif_transpose) for p in new_paths]
         except ValueError as error:
             gr.Warning(str(error))
             yield history, conversation, sent, gr.skip(), f"⚠️ {error}", gr.skip()
@@ -270,10 +271,10 @@ def _examples(examples_dir: str | os.PathLike | None, gallery: gr.Gallery, promp
         gr.Examples([[text] for _, text in MODEL_CARD_EXAMPLES], [prompt], label="Prompts from the model card")
 
 
-def _load_upload(path: str, max_pixels: int) -> Any:
+def _load_upload(path: str, max_pixels: int, exif_transpose: bool = False) -> Any:
     """Load an uploaded image; the error names the file as the user knows it, not Gradio's temporary copy."""
     try:
-        return load_image(path, max_pixels=max_pixels)
+        return load_image(path, max_pixels=max_pixels, exif_transpose=exif_transpose)
     except ValueError as error:
         name = Path(path).name
         raise ValueError(f"Could not use the upload {name!r}: {str(error).replace(repr(path), repr(name))}") from error
@@ -301,8 +302,9 @@ def run(args: argparse.Namespace) -> int:
 
     chat = load_chat(args)  # the port was checked by commands.run_demo, before the heavy imports
     demo = build_demo(
-        chat, examples_dir=args.examples_dir, max_images=args.max_images, max_image_pixels=args.max_image_pixels
-    )
+        chat, examples_dir=args.examples_dir, max_images=args.max_images, max_image_pixels=args.max_image_pixels,
+        exif_transpose=args.exif_transpose,
+    )  # fmt: skip
     print(f"Web demo on http://{args.host}:{args.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
     launch(demo, host=args.host, port=args.port)
     return 0
