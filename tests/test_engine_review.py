@@ -254,3 +254,16 @@ def test_streamed_pieces_join_to_the_result_also_after_cancel(tiny: VLChat, monk
     step_until_done(engine, [handle])
     result = handle.wait()
     assert (result.finish_reason, result.text, "".join(pieces)) == ("cancelled", "abc EN", "abc EN")
+
+
+def test_start_twice_or_after_stop_is_an_error(tiny: VLChat):
+    engine = Engine(tiny, max_rows=1)
+    engine.start()
+    try:
+        with pytest.raises(RuntimeError, match="already started"):
+            engine.start()
+        assert engine.generate([MESSAGES], max_new_tokens=2)[0].completion_tokens == 2
+    finally:
+        engine.stop()
+    with pytest.raises(EngineClosed, match="make a new Engine"):
+        engine.start()

@@ -194,6 +194,10 @@ class Engine:
         the interpreter tears down aborts the process ("terminate called without an active exception"), so
         exit waits for the step in flight.
         """
+        if self.closed:
+            raise EngineClosed("this engine was stopped; make a new Engine")
+        if self.thread is not None:
+            raise RuntimeError("the engine is already started: two loops would step the same batch")
         self.thread = threading.Thread(target=self._loop, name="deepseek-vl2-engine", daemon=True)
         self.thread.start()
         atexit.register(self.stop)
