@@ -150,8 +150,8 @@ def evaluate(
         way = "ray" if ray else "engine" if engine else "batches"
         with tqdm(total=len(rows), desc=f"eval {task_name}", unit="sample", file=sys.stderr) as bar, \
                 journal.open("a" if resume else "w", encoding="utf-8") as written:  # fmt: skip
-            if written.tell() and not journal.read_bytes().endswith(b"\n"):
-                written.write("\n")  # the interrupted run's last line stays whole-or-skipped, not glued to ours
+            if written.tell():  # a line cut short by the interruption stays apart from ours (blank lines are skipped)
+                written.write("\n")
             for line, answer in _answer(rows, predictor, way, batch_size, ray_address, concurrency, num_gpus):
                 answers[line] = answer
                 if not answer.get("error"):  # a failed answer (out of memory, say) is tried again on resume
