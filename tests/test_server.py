@@ -315,7 +315,7 @@ def test_errors_name_the_parameter(base_url: str):
         ({"extra_body": 1}, "extra_body", "unsupported parameter"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x", "detail": "max"}}]}]},
-            "messages.0.content.0.image_url.detail", "Input should be 'auto', 'low' or 'high'",
+            "messages.0.content.0.image_url.detail", "Input should be 'auto', 'low', 'high' or 'original'",
         ),
         (
             {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},

@@ -97,17 +97,19 @@ class _Strict(BaseModel):
 
 class ImageURL(_Strict):
     url: str
-    detail: Literal["auto", "low", "high"] = "auto"  # the model always tiles at its own resolution
+    detail: Literal["auto", "low", "high", "original"] = "auto"  # the model always tiles at its own resolution
 
 
 class TextPart(_Strict):
     type: Literal["text"]
     text: str
+    prompt_cache_breakpoint: dict[str, Any] | None = None  # a cache hint: prefixes are cached here anyway
 
 
 class ImagePart(_Strict):
     type: Literal["image_url"]
     image_url: ImageURL
+    prompt_cache_breakpoint: dict[str, Any] | None = None
 
 
 class RefusalPart(_Strict):
@@ -214,6 +216,8 @@ class ChatCompletionRequest(_Strict):
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
     store: bool = False
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
@@ -397,8 +401,19 @@ def max_prompt_chars(chat: VLChat) -> int:
     return int(chat.model.config.language_config.max_position_embeddings) * max(longest, 1)
 
 
-def check_prompt_chars(messages: Sequence[ChatMessage], limit: int) -> None:
-    """Refuse hopeless prompts before tokenizing them (30 MB of text took minutes and gigabytes to tokenize)."""
+def check_prompt_chars(messages: Sequence[ChatMessage], limit: int, context: int) -> None:
+    """Refuse hopeless prompts before tokenizing them (30 MB of text took minutes and gigabytes to tokenize).
+
+    Every user or assistant turn takes at least one token of the template, whatever its text: 100k empty messages
+    (3 MB) took 15 s to tokenize.
+    """
+    turns = sum(message.role in ("user", "assistant") for message in messages)
+    if turns > context:
+        message = (
+            f"The request has {turns} user and assistant messages; each takes at least one token, and this model's "
+            f"context holds {context} tokens."
+        )
+        raise bad_request(message, "context_length_exceeded", "messages")
     total = 0
     for message in messages:
         total += len(message.text_and_urls()[0])
@@ -410,12 +425,16 @@ def check_prompt_chars(messages: Sequence[ChatMessage], limit: int) -> None:
 def to_chat_messages(
     messages: Sequence[ChatMessage], limits: Limits
 ) -> tuple[list[dict[str, Any]], list[tuple[int, int]]]:
-    """OpenAI messages to `VLChat` messages and image sizes; images stay encoded bytes until the job runs."""
+    """OpenAI messages to `VLChat` messages and image sizes; images stay encoded bytes until the job runs.
+
+    OpenAI takes system messages anywhere; DeepSeek-VL2's template has one system prompt, before the first turn.
+    As DeepSeek-V3's and R1's chat templates do, every system message goes there in order, separated by a blank line.
+    """
     count = sum(len(message.text_and_urls()[1]) for message in messages)
     if count > limits.max_images:
         message = f"The request has {count} images; at most {limits.max_images} are allowed."
         raise bad_request(message, "too_many_images", "messages")
-    converted, sizes = [], []
+    converted, sizes, system = [], [], []
     for index, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
         text, urls = message.text_and_urls()
@@ -426,10 +445,15 @@ def to_chat_messages(
             raise bad_request(message, "invalid_request", param)
         if urls and role != "user":
             raise bad_request(f"messages[{index}]: only user messages may contain images.", "invalid_image", param)
+        if role == "system":
+            system.append(text)
+            continue
         images = [_image_bytes(url, limits, param) for url in urls]
         for data in images:
             sizes.append(_image_size(data, limits, param))
         converted.append({"role": role, "content": text, **({"images": images} if images else {})})
+    if system:
+        converted.insert(0, {"role": "system", "content": "\n\n".join(text for text in system if text)})
     pixels = sum(width * height for width, height in sizes)
     if pixels > limits.max_request_pixels:
         message = (

@@ -207,7 +207,7 @@ def create_app(
         req = parse_request(body)
         check_model(req.model, model_name)
         check_options(req)
-        check_prompt_chars(req.messages, limits.max_prompt_chars)
+        check_prompt_chars(req.messages, limits.max_prompt_chars, context)
         ticket = admission.admit()
         try:
             messages, sizes = await run_in_threadpool(to_chat_messages, req.messages, limits)
