@@ -36,6 +36,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from deepseek_vl.utils.io import load_image
+
 __all__ = [
     "GroundingBox",
     "GroundingResult",
@@ -313,7 +315,7 @@ def draw_grounding(
         raise TypeError(f"width must be a positive int or None, got {width!r}")
     boxes = [b for b in _boxes_of(result_or_boxes) if b.image_index == image_index]
 
-    out = image.convert("RGB")  # always a new image, so the input is never touched
+    out = load_image(image, max_pixels=None)  # a new RGB image, 16-bit scaled as the model saw it, not clipped
     w, h = out.size
     line = width if width is not None else max(1, round(max(w, h) / 250))
     font = label_font(max(10, round(max(w, h) / 40)))

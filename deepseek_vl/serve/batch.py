@@ -172,7 +172,7 @@ def _relative_to(sources: Any, base: Path) -> Any:
         raise ValueError('"images" must be a list')
     from deepseek_vl.distributed import relative_path
 
-    return [str(base / s) if isinstance(s, str) and ":" not in s and relative_path(s) else s for s in sources]
+    return [str(base / s) if isinstance(s, str) and s and ":" not in s and relative_path(s) else s for s in sources]
 
 
 def read_requests(source: Path, defaults: dict[str, Any]) -> list[Request]:
@@ -215,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     source, target = Path(args.input), Path(args.output)
+    if target.is_dir():  # before its name is used: "." has none
+        raise CLIError(f"cannot write {args.output!r}: it is a directory; give OUTPUT as a file path")
     if args.shard:
         target = _shard_path(target, *args.shard)
     stale_path = target.with_name(f"{target.stem}.stale{target.suffix}")

@@ -354,20 +354,14 @@ def read_json_schema(path: str) -> dict[str, Any]:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from deepseek_vl.grounding import draw_grounding
     from deepseek_vl.utils.io import load_image
 
     prompt = sys.stdin.read() if args.prompt == "-" else typed_line_breaks(args.prompt)
-    if args.annotate and not args.image:
-        raise CLIError("--annotate needs at least one --image to draw on")
-    if args.annotate and not Path(args.annotate).resolve().parent.is_dir():
-        raise CLIError(f"cannot write {args.annotate!r}: its folder does not exist")
-    if args.annotate and not os.access(Path(args.annotate).resolve().parent, os.W_OK):
-        raise CLIError(f"cannot write {args.annotate!r}: its folder is not writable")
-    if args.annotate and Path(args.annotate).suffix.lower() not in Image.registered_extensions():
-        raise CLIError(f"cannot write {args.annotate!r}: use an image file extension such as .png or .jpg")
+    if not prompt.strip() and not args.image:  # an unset shell variable, say: there is nothing to answer
+        raise CLIError("the prompt is empty and there is no -i image: give a question or instruction")
+    if args.annotate:
+        check_annotate_path(args.annotate, bool(args.image))
     tags = prompt.count("<image>")
     if tags and tags != len(args.image):
         raise CLIError(f"the prompt has {tags} <image> tags but {len(args.image)} -i images: give one -i per tag")
@@ -384,8 +378,12 @@ def run_generate(args: argparse.Namespace) -> int:
     result = answer.result
     if result is not None and args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
-    if result is not None and args.annotate:
-        draw_grounding(images[-1], result.grounding).save(args.annotate)
+    if result is not None and args.annotate:  # the boxes are those of the last image, numbered from 0
+        drawn = draw_grounding(images[-1], result.grounding, image_index=len(images) - 1)
+        try:
+            drawn.save(args.annotate)
+        except (OSError, ValueError) as error:  # e.g. a format that cannot hold RGB (.xbm); the answer is printed
+            raise CLIError(f"cannot write {args.annotate!r}: {error}") from error
         print(f"wrote {args.annotate} ({len(result.grounding.boxes)} boxes)", file=sys.stderr)
     if args.verbose and result is not None:
         print(answer.timings(result, load_seconds=loaded - started), file=sys.stderr)
@@ -394,6 +392,23 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"deepseek-vl2: stopped by Ctrl-C; {kept}", file=sys.stderr)
         return 130
     return 0
+
+
+def check_annotate_path(path: str, has_images: bool) -> None:
+    """--annotate OUT: refused now, before the model loads, if no image file can be written there."""
+    from PIL import Image
+
+    target = Path(path)
+    if not has_images:
+        raise CLIError("--annotate needs at least one --image to draw on")
+    if target.is_dir():
+        raise CLIError(f"cannot write {path!r}: it is a directory; give a file name such as boxes.png")
+    if not target.resolve().parent.is_dir():
+        raise CLIError(f"cannot write {path!r}: its folder does not exist")
+    if not os.access(target.resolve().parent, os.W_OK):
+        raise CLIError(f"cannot write {path!r}: its folder is not writable")
+    if Image.registered_extensions().get(target.suffix.lower()) not in Image.SAVE:  # .psd, .fli: Pillow only reads them
+        raise CLIError(f"cannot write {path!r}: use an image file extension such as .png or .jpg")
 
 
 def typed_line_breaks(text: str) -> str:
@@ -465,7 +480,9 @@ def stream_answer(stream: ChatStream, *, echo: bool) -> StreamedAnswer:
     return answer
 
 
-REPL_HELP = "/image PATH attaches an image to your next message, /reset clears the conversation, /exit quits"
+REPL_HELP = (
+    "/image PATH attaches an image to your next message, /reset clears the conversation, /help shows this, /exit quits"
+)
 
 
 def add_chat_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -510,7 +527,9 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         if command in ("/exit", "/quit"):
             return 0
-        if command == "/reset":
+        if command == "/help":
+            print(REPL_HELP)
+        elif command == "/reset":
             history, pending = [], []
             print("(conversation cleared)")
         elif command == "/image":

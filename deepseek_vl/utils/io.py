@@ -20,6 +20,7 @@ import http.client
 import io
 import ipaddress
 import os
+import re
 import socket
 import stat
 import time
@@ -50,6 +51,8 @@ DEFAULT_MAX_PIXELS = 50_000_000
 (it would take 0.3 GB decoded, and the model sees at most a few megapixels of any image anyway)."""
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_URL_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]+://")  # two letters at least: C://x is a Windows path
+_WHITESPACE = re.compile(r"[\t\n\f\r ]+")
 
 
 class ImageLoadError(ValueError):
@@ -134,6 +137,8 @@ def load_image(
     text = os.fspath(source)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
+    if not text:
+        raise ImageLoadError("Image path is empty; pass a file path or URL.")
     scheme = text.split(":", 1)[0].lower() if ":" in text else ""
     if scheme in ("http", "https"):
         data = _download(text, timeout, max_bytes, remote or RemotePolicy())
@@ -141,7 +146,17 @@ def load_image(
     if scheme == "data":
         return _decode(io.BytesIO(_decode_data_url(text, max_bytes)), _short(text), exif_transpose, max_pixels)
     if scheme == "file":
-        text = urllib.request.url2pathname(urllib.parse.urlparse(text).path)
+        url = urllib.parse.urlparse(text)
+        if url.netloc not in ("", "localhost"):  # file://photos/a.jpg: "photos" is a host, not a folder
+            raise ImageLoadError(
+                f"file URL {_short(text)} names the host {url.netloc!r}; a local file is file:///absolute/path."
+            )
+        text = urllib.request.url2pathname(url.path)
+    elif _URL_SCHEME.match(text):  # s3://, ftp://: not a path (its "//" would quietly become "/")
+        raise ImageLoadError(
+            f"Unsupported image URL {_short(text)}; pass a file path, or a file://, http(s):// or data: URL "
+            "(download other URLs first)."
+        )
 
     path = _regular_file(text)
     return _decode(path, _short(str(path), 200), exif_transpose, max_pixels)
@@ -431,7 +446,10 @@ def _guarded_opener(policy: RemotePolicy) -> urllib.request.OpenerDirector:
 
 
 def _decode_data_url(url: str, max_bytes: int) -> bytes:
+    """The payload of a base64 data URL; line breaks and spaces in it are skipped, as browsers do (`base64` wraps
+    its output every 76 characters)."""
     header, sep, payload = url.partition(",")
+    payload = _WHITESPACE.sub("", payload)
     if not sep or not header.lower().endswith(";base64"):
         raise ImageLoadError(f"Unsupported data URL {_short(url)}; expected 'data:image/<type>;base64,<payload>'.")
     if len(payload) * 3 // 4 > max_bytes:
