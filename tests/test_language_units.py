@@ -83,6 +83,29 @@ def test_q_lora_attention_runs_with_cache() -> None:
     assert torch.allclose(torch.cat([first.logits, *steps], dim=1), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("use_mla", [True, False])
+@pytest.mark.parametrize("length", [8, 24])  # MLA: absorbed (<= 16 queries) and decompressed attention
+def test_attention_dropout_applies_in_training_only(attn_implementation: str, use_mla: bool, length: int) -> None:
+    """``attention_dropout`` drops attention probabilities in training, as the official layers do, and nothing else."""
+    torch.manual_seed(0)
+    config = DeepseekV2Config(**SMALL, use_mla=use_mla, attention_dropout=0.5)
+    config._attn_implementation = attn_implementation
+    model = DeepseekV2ForCausalLM(config)
+    ids = torch.randint(0, 64, (2, length))
+
+    def logits(p: float, training: bool, seed: int = 0) -> torch.Tensor:
+        config.attention_dropout = p
+        model.train(training)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+
+    assert not torch.allclose(logits(0.5, True), logits(0.0, True), atol=1e-3)
+    assert torch.equal(logits(0.5, True, seed=1), logits(0.5, True, seed=1))
+    assert torch.equal(logits(0.5, False), logits(0.0, False))
+
+
 def test_sharded_checkpoint_loads(load_model, tmp_path: Path) -> None:
     model = load_model("tiny")
     model.save_pretrained(tmp_path, max_shard_size="2MB")
