@@ -94,7 +94,9 @@ def require_peft() -> None:
 
 def finetune_command(args: argparse.Namespace) -> int:
     require_peft()
-    from deepseek_vl.train.data import read_jsonl, scan_jsonl
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from deepseek_vl.train.data import DataError, scan_jsonl
     from deepseek_vl.train.lora import TrainableParts
     from deepseek_vl.train.trainer import FinetuneConfig, check_config, finetune, format_summary, prepare_output
 
@@ -111,39 +113,56 @@ def finetune_command(args: argparse.Namespace) -> int:
         dtype=args.dtype, resume=args.resume, fsdp=args.fsdp, deepspeed=args.deepspeed,
     )  # fmt: skip
     check_config(config, list(given))
+    files = [("train", args.data), *([("eval", args.eval_data)] if args.eval_data else [])]
     if args.validate:
-        files = [("train", args.data), *([("eval", args.eval_data)] if args.eval_data else [])]
         return validate_command(args, [(name, path, *scan_jsonl(path)) for name, path in files])
     prepare_output(config)  # before the data and the model load: a wrong --output fails at once
-    train = read_jsonl(args.data)
-    evaluation = read_jsonl(args.eval_data) if args.eval_data else None
+    scanned = [(name, path, *scan_jsonl(path)) for name, path in files]
+    if any(problems for *_, problems in scanned):  # with the token checks of the other rows: one run lists them all
+        raise DataError(check_data(args, scanned)[1])
+    train, evaluation = scanned[0][2], scanned[1][2] if args.eval_data else None
     print(f"Fine-tuning {args.model} ({args.method}) on {len(train)} conversations from {args.data}", file=sys.stderr)
-    summary = finetune(config, train, evaluation)
+    try:
+        summary = finetune(config, train, evaluation)
+    except KeyboardInterrupt:
+        checkpoint = get_last_checkpoint(args.output) if Path(args.output).is_dir() else None
+        if checkpoint:
+            print(f"\nstopped; the last checkpoint is {checkpoint}: continue with --resume", file=sys.stderr)
+        raise
     print(format_summary(summary, args.output))
     return 0
 
 
-def validate_command(args: argparse.Namespace, files: list[tuple[str, str, list, list[str]]]) -> int:
-    """Every check of every row in one pass (format, then tokens, images and lengths of the rows that parse), every
-    problem listed in file and line order, and the token-length statistics of the good rows."""
+def check_data(args: argparse.Namespace, files: list[tuple[str, str, list, list[str]]]) -> tuple[list, list[str]]:
+    """Every check of every row in one pass (format, then tokens, images and lengths of the rows that parse): each
+    file's (name, sizes of its good rows as check_rows gives them, its number of bad rows) and every problem, in file
+    and line order."""
     from deepseek_vl.chat import resolve_model_folder
     from deepseek_vl.models import DeepseekVLV2Processor
     from deepseek_vl.train.collate import Collator, check_rows, context_length
 
     folder = resolve_model_folder(args.model)
     collator = Collator(DeepseekVLV2Processor.from_pretrained(folder), args.max_length, context_length(folder))
-    problems = []
+    checked, problems = [], []
     for name, path, examples, format_problems in files:
-        sizes, token_problems = check_rows(collator, examples)
+        sizes, token_problems = check_rows(collator, examples, progress=True)
         prefix = f"{Path(path)}:"
         problems += sorted(format_problems + token_problems, key=lambda problem: line_number(problem, prefix))
+        checked.append((name, sizes, len(format_problems) + len(token_problems)))
+    return checked, problems
+
+
+def validate_command(args: argparse.Namespace, files: list[tuple[str, str, list, list[str]]]) -> int:
+    """check_data's problems, and the token-length statistics of the good rows."""
+    checked, problems = check_data(args, files)
+    for name, sizes, bad in checked:
         if sizes:
             lengths = [tokens for tokens, _, _ in sizes]
             print(
                 f"{name}: {len(sizes)} conversations, {sum(images for *_, images in sizes)} images, tokens per "
                 f"conversation min {min(lengths)} median {statistics.median(lengths):.0f} max {max(lengths)}, "
                 f"{sum(lengths):,} tokens, {sum(labels for _, labels, _ in sizes):,} answer (label) tokens"
-                + (" (the valid rows)" if token_problems or format_problems else "")
+                + (" (the valid rows)" if bad else "")
             )
     for problem in problems:
         print(problem, file=sys.stderr)

@@ -116,7 +116,7 @@ def scan_jsonl(path: str | Path, check_images: bool = True) -> tuple[list[Exampl
             if not text.strip():
                 continue
             try:
-                examples.append(parse_row(text, number, path.parent, check_images, source=str(path)))
+                examples.append(parse_row(text, number, path.absolute().parent, check_images, source=str(path)))
             except ValueError as error:
                 problems.append(f"{path}:{number}: {error}")
     if not examples and not problems:
@@ -252,7 +252,8 @@ def resolve_images(messages: list[dict[str, Any]], root: Path, check: bool) -> l
             size = None
             if check:
                 if not path.is_file():
-                    raise ValueError(f"image {entry!r} not found (looked at {path})")
+                    problem = "is a folder" if path.is_dir() else "not found"
+                    raise ValueError(f"image {entry!r} {problem} (looked at {path})")
                 try:
                     with Image.open(path) as image:
                         size = image.size

@@ -93,6 +93,16 @@ def freeze_never_trained(model: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts of the model as it runs: a 4-bit weight (QLoRA) counts its weights, not
+    the bytes that pack two of them, and peft's frozen originals of fully trained modules (kept for unloading the
+    adapter) are not counted beside their trained copies."""
+    trainable = total = 0
+    for name, parameter in model.named_parameters():
+        if ".original_module." in name:
+            continue
+        count = parameter.numel()
+        if type(parameter).__name__ == "Params4bit":  # bitsandbytes: two 4-bit weights per byte of its storage
+            count *= 2 * parameter.element_size()
+        total += count
+        trainable += count if parameter.requires_grad else 0
+    return trainable, total

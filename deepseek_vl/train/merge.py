@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,16 +17,31 @@ from torch import nn
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+PROCESSOR_FILES = ("processor_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def check_adapter_folder(adapter: str | os.PathLike) -> Path:
+    """The adapter folder, or an error saying what the folder is instead (missing, a full model, an unfinished run)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     folder = Path(adapter).expanduser()
-    if not (folder / ADAPTER_CONFIG).is_file():
+    if (folder / ADAPTER_CONFIG).is_file():
+        return folder
+    if (folder / "config.json").is_file():
         raise FileNotFoundError(
-            f"{str(folder)!r} is not a LoRA adapter folder (no {ADAPTER_CONFIG}); pass the --output folder of "
-            "'deepseek-vl2 finetune' or one of its checkpoint-N folders"
+            f"{str(folder)!r} is a full model checkpoint (a base model, or the output of 'finetune --method full' or "
+            f"'merge'), not a LoRA adapter: it needs no merging; load it as the model itself (--model {folder})"
         )
-    return folder
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if last is not None and Path(last, ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{str(folder)!r} holds no adapter yet (its run did not finish); its latest checkpoint, {last}, is one"
+        )
+    what = "it does not exist" if not folder.exists() else f"no {ADAPTER_CONFIG}"
+    raise FileNotFoundError(
+        f"{str(folder)!r} is not a LoRA adapter folder ({what}); pass the --output folder of 'deepseek-vl2 finetune' "
+        "or one of its checkpoint-N folders"
+    )
 
 
 def base_model_of(adapter: str | os.PathLike) -> str:
@@ -81,12 +97,12 @@ def check_adapter_fits(model: nn.Module, adapter: str | os.PathLike) -> None:
 def merge_to_checkpoint(
     adapter: str | os.PathLike, output: str | os.PathLike, model: str | None = None, dtype: str = "auto"
 ) -> Path:
-    """Write base + adapter as a full checkpoint folder (weights, config, processor and tokenizer files).
+    """Write base + adapter as a full checkpoint folder (weights, config, and the base's processor and tokenizer files).
 
     The merge runs in float32; ``dtype`` "auto" saves in the base checkpoint's own dtype (bf16 for the released ones).
     """
     from deepseek_vl.chat import resolve_model_folder
-    from deepseek_vl.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+    from deepseek_vl.models import DeepseekVLV2ForCausalLM
 
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -99,8 +115,9 @@ def merge_to_checkpoint(
     merged = merge_adapter(network, adapter).to(saved_dtype)
     merged.save_pretrained(output)
     add_official_dtype_key(output / "config.json", saved_dtype)
-    processor_source = adapter if (Path(adapter) / "processor_config.json").is_file() else base
-    DeepseekVLV2Processor.from_pretrained(processor_source).save_pretrained(output)
+    for name in PROCESSOR_FILES:  # as released: saving them again would write transformers 5's tokenizer format
+        if (Path(base) / name).is_file():
+            shutil.copyfile(Path(base) / name, output / name)
     return output
 
 
@@ -111,9 +128,13 @@ def checkpoint_dtype(folder: str | os.PathLike) -> torch.dtype:
 
 
 def add_official_dtype_key(config_file: Path, dtype: torch.dtype) -> None:
-    """transformers 5 writes ``dtype``; the official code (transformers 4.38) reads ``torch_dtype``: write both."""
+    """transformers 5 writes ``dtype``; the official code (transformers 4.38) reads ``torch_dtype``: write both. The
+    sub-configs' ``dtype`` is the float32 of the merge: the saved one instead."""
     config = json.loads(config_file.read_text(encoding="utf-8"))
     name = str(dtype).removeprefix("torch.")
     config["torch_dtype"] = name
     config.setdefault("language_config", {})["torch_dtype"] = name
+    for section in (config, *(value for value in config.values() if isinstance(value, dict))):
+        if "dtype" in section:
+            section["dtype"] = name
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

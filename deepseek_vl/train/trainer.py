@@ -24,8 +24,9 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
 
 from deepseek_vl.train.collate import Collator, check_rows, context_length
 from deepseek_vl.train.data import DataError, Example
@@ -106,6 +107,17 @@ def check_config(config: FinetuneConfig, lora_settings: Sequence[str] = ()) -> N
     """
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
+    counts = {
+        "--batch-size": config.batch_size, "--grad-accum": config.grad_accum, "--lr": config.learning_rate,
+        "--logging-steps": config.logging_steps, "--save-steps": config.save_steps, "--eval-steps": config.eval_steps,
+        "--max-length": config.max_length, "--lora-rank": config.lora_rank, "--lora-alpha": config.lora_alpha,
+        "--max-steps": None if config.max_steps == -1 else config.max_steps,  # -1: as many as --epochs make
+        "--epochs": config.epochs if config.max_steps == -1 else None,
+    }  # fmt: skip
+    if bad := [f"{flag} {value}" for flag, value in counts.items() if value is not None and not value > 0]:
+        raise ValueError(f"{', '.join(bad)}: must be above 0 (Trainer would fail mid-way or train nothing)")
+    if not 0 <= config.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout {config.lora_dropout}: must be in [0, 1)")
     if config.parts.lora_vision and config.parts.train_vision:
         raise ValueError("choose one of --lora-vision and --train-vision")
     if config.method == "full":
@@ -125,8 +137,10 @@ def check_config(config: FinetuneConfig, lora_settings: Sequence[str] = ()) -> N
 
 
 def run_record(config: FinetuneConfig) -> dict[str, Any]:
-    """The settings a checkpoint's weights and optimizer state depend on."""
-    record = {"method": config.method, "model": model_reference(config.model)}
+    """The settings a checkpoint's weights and optimizer state depend on. The optimizer and learning rate are here as
+    Trainer resumes them from the checkpoint: another --optim fails in torch, another --lr is silently not used."""
+    record = {"method": config.method, "model": model_reference(config.model), "optimizer": config.optimizer,
+              "learning_rate": config.learning_rate}  # fmt: skip
     if config.method != "full":
         record["lora_rank"] = config.lora_rank
     return record | {"parts": asdict(config.parts)}
@@ -161,13 +175,16 @@ def prepare_output(config: FinetuneConfig) -> str | None:
 
 
 def check_checkpoint(checkpoint: Path, config: FinetuneConfig) -> None:
-    """The checkpoint must come from a run like this one: another method or model would fail to load or mix runs."""
+    """The checkpoint must come from a run like this one (another method or model would fail to load or mix runs)
+    and be whole: Trainer writes trainer_state.json after the weights and optimizer state, so a run stopped while
+    saving leaves a checkpoint without it (and maybe with cut-off weights)."""
     record_file, ours = checkpoint / RUN_FILE, run_record(config)
     if record_file.is_file():
         saved = json.loads(record_file.read_text(encoding="utf-8"))
-    else:  # from before run records: its files still tell an adapter from a full model
-        adapter = (checkpoint / "adapter_config.json").is_file()
-        saved = {"method": "lora or qlora" if adapter else "full"} if adapter == (config.method == "full") else {}
+    elif (checkpoint / "adapter_config.json").is_file():  # from before run records: its files tell the method
+        saved = {"method": "lora or qlora"} if config.method == "full" else {}
+    else:
+        saved = {"method": "full"} if (checkpoint / "config.json").is_file() and config.method != "full" else {}
     differ = [
         f"{key} {saved[key]!r} (this run: {value!r})" for key, value in ours.items() if saved.get(key, value) != value
     ]
@@ -175,6 +192,13 @@ def check_checkpoint(checkpoint: Path, config: FinetuneConfig) -> None:
         raise ValueError(
             f"cannot resume from {str(checkpoint)!r}: it was trained with {'; '.join(differ)}; resume with the same "
             "settings, or start a new run in an empty --output"
+        )
+    if not (checkpoint / TRAINER_STATE_NAME).is_file():
+        whole = [path for path in sort_checkpoints(str(checkpoint.parent)) if Path(path, TRAINER_STATE_NAME).is_file()]
+        earlier = f" (the latest whole one: {whole[-1]})" if whole else ""
+        raise ValueError(
+            f"cannot resume from {str(checkpoint)!r}: it is incomplete, with no {TRAINER_STATE_NAME} (the run stopped "
+            f"while saving it?); delete it and resume from an earlier checkpoint{earlier}"
         )
 
 
@@ -321,7 +345,10 @@ def finetune(config: FinetuneConfig, train: list[Example], evaluation: list[Exam
     folder = resolve_model_folder(config.model)
     processor = DeepseekVLV2Processor.from_pretrained(folder)
     collator = Collator(processor, config.max_length, context_length(folder))
-    _, problems = check_rows(collator, [*train, *(evaluation or [])])
+    # one bar under torchrun; not PartialState(), which would set up the distributed state before TrainingArguments
+    # gives it its settings
+    first = os.environ.get("RANK", "0") == "0"
+    _, problems = check_rows(collator, [*train, *(evaluation or [])], progress=first)
     if problems:
         raise DataError(problems)
     model, processor = load_model(config, processor)
