@@ -6,13 +6,22 @@ before it imports torch, so a typo is reported in milliseconds and the CLI and t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_MODEL", "GenerationOptions", "ModelLoadError"]
+__all__ = ["DEFAULT_MODEL", "GenerationOptions", "ModelLoadError", "model_reference"]
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
+
+
+def model_reference(model: str) -> str:
+    """How a run names its model (adapters and batch records keep it): an absolute path for a local folder (symbolic
+    links kept as given), else the Hub id."""
+    path = Path(model).expanduser()
+    return os.path.abspath(path) if path.is_dir() else model
 
 
 class ModelLoadError(OSError):

@@ -277,3 +277,29 @@ def test_unusable_image_paths_fail_their_own_line_only(tmp_path: Path, loads: li
     assert "home directory is unknown" in by_id["nouser"]["error"]
     assert "File name too long" in by_id["long"]["error"] and "not a regular file" in by_id["fifo"]["error"]
     assert "error" not in by_id["ok"]
+
+
+def test_answers_made_with_other_settings_are_answered_again_and_kept_aside(tmp_path: Path, loads: list[str]) -> None:
+    """A rerun with another model setting or generation default does not keep answers made with the old ones."""
+    requests, answers = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+    requests.write_text(json.dumps({"id": "a", "prompt": "One."}) + "\n" + json.dumps({"id": "b", "prompt": "Two.",
+                        "max_new_tokens": 2}) + "\n")  # fmt: skip
+    assert run_batch(str(requests), str(answers)) == 0
+    first = records(answers)
+
+    assert main(["batch", str(requests), str(answers), "--model", TINY, "--max-new-tokens", "1"]) == 0
+    second = records(answers)  # "b" sets its own max_new_tokens: its answer still holds
+    assert second[0]["completion_tokens"] == 1 and second[1] == first[1]
+    assert records(tmp_path / "answers.stale.jsonl") == [first[0]]
+
+    loads.clear()
+    assert main(["batch", str(requests), str(answers), "--model", TINY, "--max-new-tokens", "1", "--dtype",
+                 "bfloat16"]) == 0  # fmt: skip
+    assert loads == [TINY] and len(records(tmp_path / "answers.stale.jsonl")) == 3
+
+    # records written before settings were recorded count as made with this run's settings
+    answers.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "settings_sha256"}) + "\n"
+                               for r in records(answers)))  # fmt: skip
+    loads.clear()
+    assert main(["batch", str(requests), str(answers), "--model", TINY, "--max-new-tokens", "5"]) == 0
+    assert loads == []

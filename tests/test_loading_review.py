@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from golden import checkpoint
 from safetensors.torch import load_file, save_file

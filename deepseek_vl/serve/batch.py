@@ -2,10 +2,11 @@
 
 Each answer is appended to OUTPUT as soon as its batch finishes, so a killed run loses at most one batch. A rerun
 matches the records already in OUTPUT to the input lines by `id` (or, for a line without one, by a hash of its
-request) and by the request's hash, so lines may be fixed, edited, inserted or reordered between runs and only
-those are answered again. At the end OUTPUT is rewritten in input order, one record per line; answers that no
-longer match a line are moved to answers.stale.jsonl beside answers.jsonl, not lost. A file that is not an OUTPUT
-of this command (INPUT given as OUTPUT, say) is never overwritten.
+request), by the request's hash and by a hash of the settings that decide its answer (model, adapter, quantization,
+dtype, the options it is answered with), so lines may be fixed, edited, inserted or reordered between runs, and
+settings changed, and only the lines concerned are answered again. At the end OUTPUT is rewritten in input order,
+one record per line; answers that no longer match a line are moved to answers.stale.jsonl beside answers.jsonl,
+not lost. A file that is not an OUTPUT of this command (INPUT given as OUTPUT, say) is never overwritten.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ DESCRIPTION = """\
 Answer a JSONL file of requests, several at a time (one batched forward per token), appending one JSON record
 per request to OUTPUT. Re-running with the same OUTPUT answers only what is missing: records are matched to input
 lines by "id" (by a hash of the request for lines without one), so an interrupted run resumes, and a line that
-was fixed, edited or inserted is answered without redoing the others. Lines that failed and are unchanged (say,
+was fixed, edited or inserted is answered without redoing the others; so is every line a change of --model,
+--adapter, --quantize, --dtype, --exif-transpose or a generation option concerns (--device is not compared).
+Lines that failed and are unchanged (say,
 an image that was missing) are retried with --retry-errors. When the run ends OUTPUT holds one record per input
 line, in input order; answers that no longer match a line (edited or removed) are moved to answers.stale.jsonl
 for an OUTPUT answers.jsonl. OUTPUT must be new or an earlier OUTPUT: any other file is refused. INPUT is UTF-8.
@@ -55,8 +58,9 @@ image paths are relative to the folder of INPUT. Optional per line (the command-
 
 Output records:
   {"id": "q1", "line": 1, "text": ..., "boxes": [...], "prompt_tokens": ..., "completion_tokens": ...,
-   "finish_reason": "stop" | "length", "request_sha256": ...}
-  {"id": "q3", "line": 3, "error": "...", "request_sha256": ...}   a line that could not be answered; the rest go on.
+   "finish_reason": "stop" | "length", "request_sha256": ..., "settings_sha256": ...}
+  {"id": "q3", "line": 3, "error": "...", "request_sha256": ..., "settings_sha256": ...}   a line that could not be
+  answered; the rest go on.
 """
 LINE_OPTIONS = (*GENERATION_KEYS, "system_prompt")
 _REQUEST_KEYS = {"id", "messages", "prompt", "images", *LINE_OPTIONS}
@@ -121,6 +125,7 @@ class Request:
         self.images: list | None = None
         self.options: dict[str, Any] = {}
         self.sha256 = hashlib.sha256(text.strip().encode()).hexdigest()
+        self.settings_sha256 = ""  # set by the run, which knows the model
         if problem is not None:  # e.g. the line is not UTF-8
             return
         try:
@@ -232,8 +237,10 @@ def run(args: argparse.Namespace) -> int:
     records, intact = _read_records(target)  # before anything is written: refuses a file that is not an OUTPUT
     defaults = {key: value for key, value in generation_options(args).items() if key in LINE_OPTIONS}
     requests = read_requests(source, defaults)
-    if args.merge:
+    if args.merge:  # the shards' runs compared their settings; this one loads no model
         return _merge(target, requests, args.merge)
+    for request in requests:
+        request.settings_sha256 = _settings_sha256(args, request)
     if args.shard:
         requests = requests[args.shard[0] :: args.shard[1]]
     done = _answers(requests, records)
@@ -261,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.write(f"line {request.line}: {outcome}", file=sys.stderr)
             else:
                 record |= outcome if isinstance(outcome, dict) else outcome.to_dict()
-            record["request_sha256"] = request.sha256
+            record["request_sha256"], record["settings_sha256"] = request.sha256, request.settings_sha256
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
             records.append(record)
@@ -352,7 +359,7 @@ def _merge(target: Path, requests: list[Request], count: int) -> int:
     paths = [_shard_path(target, index, count) for index in range(count)]
     if missing := [str(path) for path in paths if not path.is_file()]:
         raise CLIError(f"missing shard outputs {missing}: run every --shard I/{count} first")
-    answered = _answers(requests, [record for path in paths for record in _read_records(path)[0]])
+    answered = _answers(requests, [record for path in paths for record in _read_records(path)[0]], settings=False)
     _write_records(target, [answered[r.key] | {"line": r.line} for r in requests if r.key in answered])
     unanswered = [r.line for r in requests if r.key not in answered]
     failed = [r.line for r in requests if "error" in answered.get(r.key, {})]
@@ -414,11 +421,36 @@ def _end_records(target: Path, intact: int) -> None:
                 file.write(b"\n")
 
 
-def _answers(requests: Sequence[Request], records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The record that answers each request, by request key: the newest with its key and its request hash. A record
-    for an earlier version of the line (another hash) is stale: the line is answered again."""
+def _answers(
+    requests: Sequence[Request], records: list[dict[str, Any]], settings: bool = True
+) -> dict[str, dict[str, Any]]:
+    """The record that answers each request, by request key: the newest with its key and its request hash, and, with
+    ``settings``, made with the request's settings (a record of an older version of this command has none, and
+    counts as made with them). A record for an earlier version of the line (another hash) or made with other
+    settings is stale: the line is answered again."""
     newest = {(_record_key(record), record["request_sha256"]): record for record in records}
-    return {r.key: newest[r.key, r.sha256] for r in requests if (r.key, r.sha256) in newest}
+    return {
+        r.key: newest[r.key, r.sha256]
+        for r in requests
+        if (r.key, r.sha256) in newest
+        and (not settings or newest[r.key, r.sha256].get("settings_sha256", r.settings_sha256) == r.settings_sha256)
+    }
+
+
+def _settings_sha256(args: argparse.Namespace, request: Request) -> str:
+    """A hash of what decides a line's answer besides the line: the model as loaded and the options (the command
+    line's, as the line's own override them). The device is left out: a run resumed on another machine goes on."""
+    from deepseek_vl.options import model_reference
+
+    settings = {
+        "model": model_reference(args.model),
+        "adapter": model_reference(args.adapter) if args.adapter else None,
+        "quantize": args.quantize,
+        "dtype": args.dtype,
+        "exif_transpose": args.exif_transpose,
+        "options": request.options,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def _record_key(record: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
 
+from deepseek_vl.options import model_reference
 from deepseek_vl.train.collate import Collator, check_rows, context_length
 from deepseek_vl.train.data import DataError, Example
 from deepseek_vl.train.lora import TrainableParts, apply_lora, count_parameters, prepare_full
@@ -90,13 +91,6 @@ class Summary:
     last_loss: float = math.nan  # the last logged train loss (of the final step)
     start_step: int = 0  # the step resumed from
     final_step: int = 0
-
-
-def model_reference(model: str) -> str:
-    """How a run names its base model (adapters record it): an absolute path for a local folder (symbolic links kept
-    as given), else the Hub id."""
-    path = Path(model).expanduser()
-    return os.path.abspath(path) if path.is_dir() else model
 
 
 def check_config(config: FinetuneConfig, lora_settings: Sequence[str] = ()) -> None:
