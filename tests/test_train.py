@@ -21,7 +21,7 @@ pytest.importorskip("peft")
 
 from deepseek_vl.grounding import parse_grounding  # noqa: E402
 from deepseek_vl.train.collate import Collator  # noqa: E402
-from deepseek_vl.train.data import DataError, read_jsonl, scan_jsonl  # noqa: E402
+from deepseek_vl.train.data import DataError, grounding_text, read_jsonl, scan_jsonl  # noqa: E402
 from deepseek_vl.train.lora import TrainableParts, apply_lora, lora_target_regex  # noqa: E402
 
 TINY = checkpoint("tiny")
@@ -107,15 +107,20 @@ def test_bad_rows_are_all_reported_with_line_numbers(tmp_path: Path) -> None:
                       {"role": "assistant", "content": "", "boxes": [{"label": "a", "box_pixels": [10, 10, 5000, 20]}]}]},
         {"messages": [{"role": "user", "content": "<image> <image>"}, {"role": "assistant", "content": "x"}],
          "images": [str(IMAGE)]},
+        {"messages": [{"role": "user", "content": "<image>\nx", "images": [str(GIRAFFES)]},
+                      {"role": "assistant", "content": "", "boxes": [{"label": "a<|/ref|>", "box_pixels": [1, 1, 5, 5]}]}]},
     ]  # fmt: skip
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     before = path.read_bytes()
     with pytest.raises(DataError) as caught:
         read_jsonl(path)
     problems = caught.value.problems
-    assert [p.split(":")[1] for p in problems] == ["2", "4", "5", "6", "7", "8"]
+    assert [p.split(":")[1] for p in problems] == ["2", "4", "5", "6", "7", "8", "9"]
     assert "not valid JSON" in problems[0] and "end with an assistant" in problems[1] and "'robot'" in problems[2]
     assert "missing.png" in problems[3] and "x1 < x2 <= 724" in problems[4] and "2 <image> tags" in problems[5]
+    assert "'a<|/ref|>' contains the token markup" in problems[6]
+    with pytest.raises(ValueError, match="a label is plain text"):
+        grounding_text("<|det|>x", [[1, 1, 5, 5]], (10, 10))
     assert path.read_bytes() == before
 
 

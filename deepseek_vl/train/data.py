@@ -67,8 +67,11 @@ class Example:
 def grounding_text(label: str, boxes_pixels: list[list[float]], image_size: tuple[int, int]) -> str:
     """``<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2], ...]<|/det|>`` with pixels mapped to 0..999 of the image.
 
-    The inverse of the model's convention (pixel = value / 999 * size, see deepseek_vl.grounding).
+    The inverse of the model's convention (pixel = value / 999 * size, see deepseek_vl.grounding). The label is plain
+    text: markup in it (``<|ref|>``, ``<|det|>``...) would end the reference early and teach broken answers.
     """
+    if "<|" in label:
+        raise ValueError(f"label {label!r} contains the token markup '<|': a label is plain text")
     width, height = image_size
     coords = []
     for x1, y1, x2, y2 in boxes_pixels:
@@ -278,6 +281,8 @@ def boxes_text(message: dict[str, Any], sizes: list[tuple[int, int] | None]) -> 
     for number, box in enumerate(boxes):
         if not isinstance(box, dict) or not isinstance(box.get("label"), str) or "box_pixels" not in box:
             raise ValueError(f"{where} box {number}: needs a text label and box_pixels [x1, y1, x2, y2]")
+        if "<|" in box["label"]:
+            raise ValueError(f"{where} box {number}: label {box['label']!r} contains the token markup '<|': plain text")
         pixels, image = box["box_pixels"], box.get("image", 0 if len(sizes) == 1 else None)
         if image is None or not isinstance(image, int) or not 0 <= image < len(sizes):
             raise ValueError(f"{where} box {number}: give \"image\": 0..{len(sizes) - 1} (which image it is in)")
