@@ -83,6 +83,20 @@ def test_chat_help_command(loaded, monkeypatch, capsys) -> None:
     assert "unknown command" not in captured.err and "/reset clears the conversation" in captured.out
 
 
+def test_input_that_is_not_utf8_is_named_in_the_users_terms(loaded, not_loaded, monkeypatch, capsys) -> None:
+    """A Latin-1 byte arrives as a lone surrogate (surrogateescape): stdin is refused before the model loads, a chat
+    line is that line's error; both say which byte, not the tokenizer's 'lone surrogate'."""
+    latin1 = b"caf\xe9?\n".decode("utf-8", "surrogateescape")
+    monkeypatch.setattr("sys.stdin", io.StringIO(latin1))
+    assert main(["generate", "-"]) == 2
+    assert "stdin is not UTF-8 (byte 0xe9 at character 4)" in capsys.readouterr().err
+    monkeypatch.setattr(cli_module, "load_chat", lambda args: loaded)
+    monkeypatch.setattr("sys.stdin", io.StringIO(latin1 + "/exit\n"))
+    assert main(["chat", "--model", TINY]) == 0
+    err = capsys.readouterr().err
+    assert "the line is not UTF-8 (byte 0xe9 at character 4)" in err and "surrogate" not in err
+
+
 @pytest.mark.parametrize(
     ("source", "message"),
     [

@@ -358,6 +358,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from deepseek_vl.utils.io import load_image
 
     prompt = sys.stdin.read() if args.prompt == "-" else typed_line_breaks(args.prompt)
+    check_utf8(prompt, "stdin" if args.prompt == "-" else "the prompt")
     if not prompt.strip() and not args.image:  # an unset shell variable, say: there is nothing to answer
         raise CLIError("the prompt is empty and there is no -i image: give a question or instruction")
     if args.annotate:
@@ -409,6 +410,14 @@ def check_annotate_path(path: str, has_images: bool) -> None:
         raise CLIError(f"cannot write {path!r}: its folder is not writable")
     if Image.registered_extensions().get(target.suffix.lower()) not in Image.SAVE:  # .psd, .fli: Pillow only reads them
         raise CLIError(f"cannot write {path!r}: use an image file extension such as .png or .jpg")
+
+
+def check_utf8(text: str, source: str) -> None:
+    """Python reads stdin and the command line with surrogateescape: a byte that is not UTF-8 (a Latin-1 file, say)
+    arrives as a lone surrogate, which the tokenizer cannot take. Said here, in the user's terms."""
+    if bad := re.search("[\udc80-\udcff]", text):
+        byte = ord(bad.group()) - 0xDC00
+        raise CLIError(f"{source} is not UTF-8 (byte {byte:#04x} at character {bad.start() + 1}): convert it to UTF-8")
 
 
 def typed_line_breaks(text: str) -> str:
@@ -549,6 +558,7 @@ def run_chat(args: argparse.Namespace) -> int:
         else:
             message = {"role": "user", "content": typed_line_breaks(line), "images": pending}
             try:
+                check_utf8(line, "the line")
                 answer = stream_answer(pipe.chat([*history, message], **options, stream=True), echo=True)
             except USER_ERRORS as error:
                 full = history and "context" in str(error)
