@@ -10,8 +10,8 @@
     )
 
 Each actor loads the model once in `__init__`; `__call__` answers a batch of rows with `VLChat.chat_batch` (so the
-greedy answers are the local `deepseek-vl2 batch` answers) and a row that fails gets an `error` instead of
-stopping the job. Importing this module is light (the `batch` command's parser uses it); torch, the model and
+greedy answers are the local `deepseek-vl2 batch` answers; seeded sampled rows are answered one by one, as
+`chat(seed=...)` answers them) and a row that fails gets an `error` instead of stopping the job. Importing this module is light (the `batch` command's parser uses it); torch, the model and
 Ray (the `distributed` extra) load when a predictor is built or `run_ray_batch` runs.
 """
 
@@ -76,7 +76,10 @@ class Row:
         GenerationOptions(**{key: value for key, value in self.options.items() if key in GENERATION_KEYS})
 
     def group_key(self) -> str:
-        return json.dumps(self.options, sort_keys=True)
+        """Rows with equal keys share a batched generation. A seeded sampled row is alone: a batch draws all its rows
+        from one generator, and the seed promises the answer `chat(seed=...)` (and `deepseek-vl2 batch`) gives."""
+        key = json.dumps(self.options, sort_keys=True)
+        return f"{key}#{id(self)}" if self.options.get("temperature") and self.options.get("seed") is not None else key
 
 
 def _json_field(data: dict[str, Any], key: str, default: Any) -> Any:

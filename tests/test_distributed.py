@@ -50,6 +50,15 @@ def test_a_batch_of_columns_is_answered_row_by_row(predictor: VLPredictor) -> No
     assert "max_new_tokens must be an integer >= 1" in out["error"][4]
 
 
+def test_seeded_sampled_rows_are_the_answers_chat_gives_for_the_seed(predictor: VLPredictor) -> None:
+    """Two equal seeded rows used to share one batch, so one generator: the second row drew other tokens."""
+    row = {"prompt": "Tell me a story.", "temperature": 1.0, "seed": 0, "max_new_tokens": 6}
+    records = predictor.answer_rows([row, row, {**row, "seed": 1}])
+    alone = [predictor.pipe.chat([{"role": "user", "content": row["prompt"]}], temperature=1.0, seed=seed,
+                                 max_new_tokens=6).text for seed in (0, 0, 1)]  # fmt: skip
+    assert [record["text"] for record in records] == alone
+
+
 def test_rows_without_prompt_or_messages_are_errors(predictor: VLPredictor) -> None:
     out = predictor({"id": [1, 2], "prompt": [None, "a"], "messages": [None, '[{"role": "user", "content": "b"}]']})
     assert all('either "messages"' in error for error in out["error"])
