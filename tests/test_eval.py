@@ -285,3 +285,8 @@ def test_resume_answers_only_what_an_interrupted_run_left(monkeypatch, tmp_path:
     asked.clear()
     assert eval_cli.evaluate("vqa", data, model="m", output_dir=out)["resumed"] == 0 and asked == [1, 2, 3, 4]
     assert eval_cli.evaluate("vqa", data, model="m", output_dir=out, resume=True)["resumed"] == 4
+    # a model folder named another way (relative, absolute) is the same model
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert eval_cli.evaluate("vqa", data, model="model", output_dir=out)["resumed"] == 0
+    assert eval_cli.evaluate("vqa", data, model=str(tmp_path / "model"), output_dir=out, resume=True)["resumed"] == 4

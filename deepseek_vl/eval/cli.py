@@ -122,7 +122,10 @@ def evaluate(
     tokens = max_new_tokens or task.max_new_tokens
     loading = {key: value for key, value in (loading or {}).items() if value is not None}
     output_dir.mkdir(parents=True, exist_ok=True)
-    settings = json.dumps([model, dtype, tokens, sorted(loading.items())])
+    from deepseek_vl.options import model_reference
+
+    named = {key: model_reference(value) if key == "adapter" else value for key, value in loading.items()}
+    settings = json.dumps([model_reference(model), dtype, tokens, sorted(named.items())])  # a folder however given
     keys = {number: hashlib.sha256(f"{settings}\n{line}".encode()).hexdigest() for number, line in numbered}
     journal = output_dir / f"{task_name}_answers.jsonl"
     kept = _journaled(journal, keys) if resume else {}
