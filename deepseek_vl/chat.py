@@ -198,6 +198,11 @@ class VLChat:
         """
         if not conversations:
             return []
+        if isinstance(conversations[0], dict):
+            raise ValueError(
+                "chat_batch takes a list of conversations, each a list of messages, but got messages: pass "
+                "[messages] (or call chat(messages))"
+            )
         if images is not None and len(images) != len(conversations):
             raise ValueError(f"got {len(conversations)} conversations but {len(images)} image lists")
         options = GenerationOptions(max_new_tokens, temperature, top_p, repetition_penalty, stop, seed, chunk_size)

@@ -41,6 +41,8 @@ class Conversation:
     def update_last_message(self, message: str | None) -> None:
         """Replace the content of the last turn, e.g. the open assistant turn once the answer is generated
         (official API, used by the official web demo)."""
+        if not self.messages:
+            raise ValueError("update_last_message: the conversation has no message yet; append_message first")
         role, _ = self.messages[-1]
         self.messages[-1] = (role, message or "")
 
@@ -53,6 +55,8 @@ class Conversation:
         system = self.system_template.format(system_message=self.system_message)
         parts = [system + seps[0]] if system else []
         for i, (role, message) in enumerate(self.messages):
+            if message and not isinstance(message, str):  # e.g. the official web demo's (text, images) tuples
+                raise TypeError(f"message {i} ({role}) is a {type(message).__name__}, not text; append its text only")
             parts.append(f"{role}: {message}{seps[i % 2]}" if message else f"{role}:")
         return "".join(parts)
 

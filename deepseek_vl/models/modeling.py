@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
+from ..options import ModelLoadError
 from ..utils.checkpoint import check_model_folder, read_json_file
 from ..utils.loading import HUB_KEYWORDS, cast_releasing_pages, load_at_stored_dtype, safetensors_files
 from . import language
@@ -33,6 +34,8 @@ from .vision import MlpProjector, SiglipVisionTower
 # all 7 tiles of an image (88 MB per fp32 hidden layer) faults in and zeroes ~1 GB of fresh pages on every call;
 # smaller passes reuse freed memory (benchmarks/RESULTS.md, issue #14: "the page faults").
 CPU_VISION_PASS_BYTES = 16 * 2**20
+# Keys of the processor's batch that are no model input: ignored, so that ``**inputs`` works everywhere.
+PROCESSOR_ONLY_KEYS = ("sft_format", "seq_lens", "labels")
 
 
 def saved_quantization(path: str | os.PathLike, **hub) -> dict | None:
@@ -74,6 +77,37 @@ def plain_language_linears():
         language.Linear = fast
     for module in built:  # those bitsandbytes replaced are no longer in the model
         module.__class__ = fast
+
+
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """Whether a path that is no local folder can name a Hub repo ("owner/name"); as the processor decides."""
+    text = os.fspath(source)
+    return not Path(text).expanduser().exists() and not text.startswith((".", "/", "~")) and text.count("/") == 1
+
+
+def check_loading_arguments(kwargs: dict) -> None:
+    """What transformers would refuse with advice that does not fit this model (a dtype shorthand; a hub page to
+    request FlashAttention on, which a local folder does not have): say what to pass instead."""
+    for key in ("dtype", "torch_dtype"):
+        value = kwargs.get(key)
+        if isinstance(value, str) and value != "auto" and not isinstance(getattr(torch, value, None), torch.dtype):
+            raise ValueError(
+                f"{key}={value!r} is not a dtype: pass torch.bfloat16, torch.float16 or torch.float32 (or the names "
+                "'bfloat16', 'float16', 'float32'), or 'auto' for the checkpoint's dtype"
+            )
+    attention = kwargs.get("attn_implementation")
+    if isinstance(attention, str) and attention.startswith("flash_attention"):
+        raise ValueError(
+            f"attn_implementation={attention!r} is not available: this implementation needs no flash-attn package "
+            "and runs attention with 'sdpa' (the default: torch's scaled_dot_product_attention, fused kernels on "
+            "GPU) or 'eager' (the official explicit softmax); drop the argument or pass one of those"
+        )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of dtype {str(value.dtype).removeprefix('torch.')} and shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
 
 
 def generation_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -130,10 +164,17 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
         a folder saved from a quantized model loads as it is.
         """
         quantize = kwargs.pop("quantize", None)
+        check_loading_arguments(kwargs)
         hub = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
         local = Path(pretrained_model_name_or_path) / hub.get("subfolder", "")
-        if local.is_dir() and kwargs.get("config") is None and kwargs.get("state_dict") is None:
-            check_model_folder(local)  # a missing, unreadable, damaged or foreign file: one error naming it
+        if kwargs.get("config") is None and kwargs.get("state_dict") is None:
+            if local.is_dir():
+                check_model_folder(local)  # a missing, unreadable, damaged or foreign file: one error naming it
+            elif not is_hub_id(pretrained_model_name_or_path):
+                raise ModelLoadError(
+                    f"{str(local)!r} is neither a checkpoint folder nor a Hub repo id "
+                    "like 'deepseek-ai/deepseek-vl2-tiny': pass the folder that holds config.json and the weights"
+                )
         if quantize is not None or saved_quantization(pretrained_model_name_or_path, **hub) is not None:
             from ..quantization import load_quantized
 
@@ -187,16 +228,21 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
         images: (B, max_tiles, 3, 384, 384); images_spatial_crop: (B, max_images, 2) holding
         [tiles across, tiles down] per image, [0, 0] for padding. Extra processor keys are ignored.
         """
+        self.check_inputs(input_ids, images, images_seq_mask, images_spatial_crop)
         embeds = self.get_input_embeddings()(input_ids)
-        if images is None or images_spatial_crop is None or not bool(images_spatial_crop.any()):
+        if images is None or not bool(images_spatial_crop.any()):
             if self.vision_in_lockstep:  # every weight an image uses, weighted 0: a (zero) gradient on each process
                 blank = embeds.new_zeros(1, 3, *self.vision.patch_embed.img_size)
                 unused = self.encode_tiles(blank).sum() + self.image_newline.sum() + self.view_seperator.sum()
                 return embeds + 0.0 * unused.to(embeds.dtype)
             return embeds
-        if images_seq_mask is None:
-            raise ValueError("images were given without images_seq_mask: pass the processor's output unchanged")
         crops = [[(w, h) for w, h in row if w and h] for row in images_spatial_crop.tolist()]
+        for b, row in enumerate(crops):
+            if sum(1 + w * h for w, h in row) > images.shape[1]:
+                raise ValueError(
+                    f"images_spatial_crop of row {b} ({row}) needs {sum(1 + w * h for w, h in row)} tiles but images "
+                    f"holds {images.shape[1]}: images and images_spatial_crop must come from the same processor call."
+                )
         tiles = torch.cat([images[b, : sum(1 + w * h for w, h in row)] for b, row in enumerate(crops)])
         features = self.encode_tiles(tiles)  # (tiles, h*w, D)
         mask = images_seq_mask.bool()
@@ -219,6 +265,57 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
                 )
             embeds[b, mask[b]] = sequence.to(embeds.dtype)
         return embeds
+
+    def check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None,
+        images_seq_mask: torch.Tensor | None,
+        images_spatial_crop: torch.Tensor | None,
+    ) -> None:
+        """Refuse what is not one processor batch on the model's device, naming the fix, instead of an indexing error
+        deep in the layout or text embeddings where the images should be."""
+        batched = "pass the processor's batch (force_batchify=True, the default, or processor.batchify([sample]))"
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.dim() != 2
+            or input_ids.dtype not in (torch.long, torch.int)
+        ):
+            raise ValueError(f"input_ids must be (batch, tokens) token ids, got {_describe(input_ids)}; {batched}")
+        batch = input_ids.shape[0]
+        if images_seq_mask is not None and images_seq_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"images_seq_mask is {_describe(images_seq_mask)}, input_ids {_describe(input_ids)}; {batched}"
+            )
+        crop = images_spatial_crop
+        if crop is not None and (crop.dim() != 3 or crop.shape[::2] != (batch, 2)):
+            raise ValueError(f"images_spatial_crop must be (batch, images, 2), got {_describe(crop)}; {batched}")
+        tile = (3, *self.vision.patch_embed.img_size)
+        tiles_ok = images is None or (images.dim() == 5 and images.shape[0] == batch and images.shape[2:] == tile)
+        if not tiles_ok or (images is not None and not images.is_floating_point()):
+            shape = f"(batch, tiles, {', '.join(map(str, tile))})"
+            raise ValueError(f"images must be float {shape} tiles, got {_describe(images)}; {batched}")
+        if images is not None and (images_seq_mask is None or crop is None):
+            raise ValueError(
+                "images were given without images_seq_mask and images_spatial_crop: pass the processor's output "
+                "unchanged (model.prepare_inputs_embeds(**inputs))"
+            )
+        if images_seq_mask is not None and bool(images_seq_mask.any()) and (images is None or not bool(crop.any())):
+            raise ValueError(
+                f"images_seq_mask marks {int(images_seq_mask.sum())} <image> positions but no images were given: "
+                "pass images and images_spatial_crop of the same processor call (model.prepare_inputs_embeds(**inputs))"
+            )
+        embedding = self.get_input_embeddings()
+        if not hasattr(embedding, "_hf_hook") and input_ids.device != embedding.weight.device:  # hooks move inputs
+            raise ValueError(
+                f"input_ids are on {input_ids.device} but the model is on {embedding.weight.device}: move the "
+                "processor's output with inputs.to(model.device)"
+            )
+        if images is not None and images.device != input_ids.device:
+            raise ValueError(
+                f"images are on {images.device} but input_ids on {input_ids.device}: move the whole processor output "
+                "with inputs.to(model.device)"
+            )
 
     def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         """Vision tower + projector on (tiles, 3, H, W), in passes of ``tiles_per_pass`` tiles."""
@@ -273,7 +370,14 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
         Without ``position_ids`` every row is numbered 0..T-1, as the official forward does.
         """
         if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("forward needs input_ids (with the images) or inputs_embeds")
             inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        if labels is not None and (labels.shape != inputs_embeds.shape[:2] or labels.dtype != torch.long):
+            raise ValueError(
+                f"labels must be int64 (batch, tokens) {tuple(inputs_embeds.shape[:2])} as the input, got "
+                f"{_describe(labels)}: pass the labels of the same processor batch"
+            )
         return self.language(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -289,23 +393,33 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
     @torch.no_grad()
     def incremental_prefilling(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         images: torch.Tensor | None = None,
         images_seq_mask: torch.Tensor | None = None,
         images_spatial_crop: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         chunk_size: int = 1024,
+        inputs_embeds: torch.Tensor | None = None,
+        **processor_keys,
     ) -> tuple[torch.Tensor, Cache]:
         """Fill the cache with all prompt tokens but the last, ``chunk_size`` at a time, to bound peak memory.
 
         Returns ``(inputs_embeds, cache)`` for ``generate(inputs_embeds=..., input_ids=..., past_key_values=cache)``,
-        which then runs only the last prompt token. The cache stays on the model's device.
+        which then runs only the last prompt token. The cache stays on the model's device. ``inputs_embeds`` (of
+        ``prepare_inputs_embeds``) stands for the ids and images, as in the official signature; the processor's
+        ``sft_format``, ``seq_lens`` and ``labels`` are ignored, so ``**inputs`` works.
         """
+        unknown = sorted(set(processor_keys) - set(PROCESSOR_ONLY_KEYS))
+        if unknown:
+            raise TypeError(f"incremental_prefilling() got unexpected keyword arguments {unknown}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-        inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("incremental_prefilling needs input_ids (with the images) or inputs_embeds")
+            inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
         if attention_mask is None:
-            attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
         positions = generation_position_ids(attention_mask)
         cache = InPlaceCache()
         for start in range(0, inputs_embeds.shape[1] - 1, chunk_size):
@@ -336,9 +450,16 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
             if input_ids is None:
                 raise ValueError("generate needs input_ids (with images) or inputs_embeds")
             inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
-        if past_key_values is not None:
-            kwargs["cache"] = past_key_values
-        for ignored in ("sft_format", "seq_lens", "labels"):
+        cache = past_key_values if past_key_values is not None else kwargs.pop("cache", None)
+        if isinstance(cache, Cache):
+            # A cache as long as the prompt was extended by an earlier generate: cut it back to the prefilled prompt,
+            # so that one incremental_prefilling serves several answers, as the official (immutable) one does.
+            surplus = cache.get_seq_length() - (inputs_embeds.shape[1] - 1)
+            if surplus > 0:
+                cache.crop(-surplus)
+        if cache is not None:
+            kwargs["cache"] = cache
+        for ignored in PROCESSOR_ONLY_KEYS:
             kwargs.pop(ignored, None)
         return self.language.generate(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs

@@ -33,7 +33,7 @@ from deepseek_vl.models.configuration import DeepseekVLV2Config
 from deepseek_vl.models.conversation import get_conv_template
 from deepseek_vl.options import ModelLoadError
 from deepseek_vl.utils.checkpoint import damaged_json_file, read_json_file
-from deepseek_vl.utils.io import load_image, load_pil_images
+from deepseek_vl.utils.io import ImageLoadError, ImageNotFoundError, load_image, load_pil_images
 
 __all__ = [
     "BatchCollateOutput", "DeepseekVLV2Processor", "TokenizedWithImages", "VLChatProcessorOutput",
@@ -90,11 +90,14 @@ class _FieldMapping:
     def items(self) -> list[tuple[str, Any]]:
         return [(key, getattr(self, key)) for key in self.keys()]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None):
-        """Move every tensor to `device` in place; `dtype` applies to floating tensors only (the images)."""
+    def to(self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None):
+        """Move every tensor to `device` in place; `dtype` applies to floating tensors only (the images), so
+        `.to(torch.bfloat16)` casts the images and leaves the ids alone."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         for key, value in self.items():
             if isinstance(value, torch.Tensor):
-                setattr(self, key, value.to(device, dtype=dtype if value.is_floating_point() else None))
+                setattr(self, key, value.to(device=device, dtype=dtype if value.is_floating_point() else None))
         return self
 
 
@@ -295,7 +298,19 @@ class DeepseekVLV2Processor:
     def decode(self, t: Sequence[int] | torch.Tensor, **kwargs: Any) -> str:
         """``tokenizer.decode`` (the official processor's method): ids of an answer -> text, grounding tags kept
         unless ``skip_special_tokens=True``."""
-        return self.tokenizer.decode(t, **kwargs)
+        try:
+            return self.tokenizer.decode(t, **kwargs)
+        except (OverflowError, TypeError) as error:  # tokenizers' messages name neither the value nor the fix
+            negative = isinstance(error, OverflowError)
+            hint = f"; labels hold {self.ignore_id} where unlabelled: decode labels[labels != {self.ignore_id}]"
+            raise ValueError(
+                f"decode takes token ids (non-negative ints: a list, or a tensor such as outputs[0]), got "
+                f"{_short_repr(t)}{hint if negative else ''}."
+            ) from error
+
+    def batch_decode(self, sequences: Sequence[Sequence[int]] | torch.Tensor, **kwargs: Any) -> list[str]:
+        """One text per row of ``sequences`` (transformers processors' method), e.g. every answer of a batch."""
+        return [self.decode(row, **kwargs) for row in sequences]
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         _check_unicode(text)
@@ -401,6 +416,17 @@ class DeepseekVLV2Processor:
             raise ValueError("Pass exactly one of prompt= (a string) or conversations= (a list of messages).")
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError(f"prompt must be a str, got {type(prompt).__name__}; batch with processor(prompt=[...]).")
+        if not isinstance(system_prompt, str):  # the official template would render None as the text "None"
+            raise ValueError(f"system_prompt must be a str ('' for none), got {type(system_prompt).__name__}.")
+        if conversations is not None:
+            num_tags = self._check_conversation(conversations, inference_mode)
+            if system_prompt:
+                warnings.warn(
+                    "system_prompt= only shows in sft_format: the official processor does not tokenize it in "
+                    "conversation mode, so the model never sees it. Start the conversation with "
+                    "{'role': 'system', 'content': ...} to give the model a system prompt.",
+                    stacklevel=3,
+                )
         if images is None:
             images = [] if prompt is not None else load_pil_images(conversations)
         _check_images(images)
@@ -412,7 +438,11 @@ class DeepseekVLV2Processor:
             )
             targets = list(ids)  # mask_prompt does not apply to raw prompts (official behaviour)
         else:
-            self._check_conversation(conversations, images, inference_mode)
+            if num_tags != len(images):
+                raise ValueError(
+                    f"The conversation has {num_tags} {self.image_token} tags but {len(images)} images were given; "
+                    f"put exactly one {self.image_token} in the user messages for each image."
+                )
             sft_format = self.format_messages(conversations, system_prompt=system_prompt)
             ids, targets, tiles, seq_mask, crops, num_image_tokens = self._tokenize_conversation(conversations, images)
 
@@ -469,8 +499,14 @@ class DeepseekVLV2Processor:
             seq_mask += turn_mask
         return ids, targets, tiles, seq_mask, crops, num_image_tokens
 
-    def _check_conversation(self, conversation: Messages, images: Sequence[Image.Image], inference_mode: bool) -> None:
+    def _check_conversation(self, conversation: Messages, inference_mode: bool) -> int:
+        """Validate the messages before any image is loaded; return the number of image tags."""
         user_role, assistant_role = get_conv_template(self.sft_format).roles
+        if not isinstance(conversation, (list, tuple)):
+            raise ValueError(
+                f"conversations must be a list of messages (or a list of such lists), got {type(conversation).__name__}"
+                f"; e.g. [{{'role': '{user_role}', 'content': '...'}}, {{'role': '{assistant_role}', 'content': ''}}]."
+            )
         if not conversation:
             raise ValueError(
                 "The conversation is empty; pass at least one message, e.g. a user turn and an empty assistant turn."
@@ -479,7 +515,12 @@ class DeepseekVLV2Processor:
         for index, message in enumerate(conversation):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise ValueError(f"Message {index} must be a dict with 'role' and 'content' keys, got {message!r}.")
-            role, content = message["role"], str(message["content"])
+            role, content = message["role"], message["content"]
+            if not isinstance(content, str):
+                raise ValueError(
+                    f"Message {index} has {type(content).__name__} content, not a string; for content parts "
+                    "([{'type': 'image'}, {'type': 'text', 'text': ...}]) use processor.apply_chat_template."
+                )
             if role in (user_role, "user"):
                 num_tags += content.count(self.image_token)
             elif role in (assistant_role, "assistant", *SYSTEM_ROLES):
@@ -495,16 +536,12 @@ class DeepseekVLV2Processor:
                     f"Unknown role {role!r} in message {index}; use {user_role!r} (or 'user'), {assistant_role!r} "
                     f"(or 'assistant'), or {SYSTEM_ROLE!r} for a first system message."
                 )
-        if num_tags != len(images):
-            raise ValueError(
-                f"The conversation has {num_tags} {self.image_token} tags but {len(images)} images were given; "
-                f"put exactly one {self.image_token} in the user messages for each image."
-            )
         if inference_mode and conversation[-1]["role"] not in (assistant_role, "assistant"):
             raise ValueError(
                 f"With inference_mode=True the conversation must end with an assistant message that the model "
                 f"completes; append {{'role': '{assistant_role}', 'content': ''}} (or pass inference_mode=False)."
             )
+        return num_tags
 
     def __call__(
         self,
@@ -527,22 +564,28 @@ class DeepseekVLV2Processor:
         if (prompt is None) == (conversations is None):
             raise ValueError("Pass exactly one of prompt= (a string) or conversations= (a list of messages).")
         use_prompt = prompt is not None
-        is_list = isinstance(prompt, (list, tuple)) or (
-            not use_prompt and len(conversations) > 0 and isinstance(conversations[0], (list, tuple))
-        )
         items = prompt if use_prompt else conversations
+        is_list = isinstance(items, (list, tuple)) and (
+            use_prompt or (len(items) > 0 and isinstance(items[0], (list, tuple)))
+        )
         items, per_item_images = (items, _split_images(images, len(items))) if is_list else ([items], [images])
-        samples = [
-            self.process_one(
-                prompt=item if use_prompt else None,
-                conversations=None if use_prompt else item,
-                images=item_images,
-                apply_sft_format=apply_sft_format,
-                inference_mode=inference_mode,
-                system_prompt=system_prompt,
-            )
-            for item, item_images in zip(items, per_item_images)
-        ]
+        samples = []
+        for index, (item, item_images) in enumerate(zip(items, per_item_images)):
+            try:
+                samples.append(
+                    self.process_one(
+                        prompt=item if use_prompt else None,
+                        conversations=None if use_prompt else item,
+                        images=item_images,
+                        apply_sft_format=apply_sft_format,
+                        inference_mode=inference_mode,
+                        system_prompt=system_prompt,
+                    )
+                )
+            except ValueError as error:  # name the item of a batch; the processor's own errors take one message
+                if len(items) == 1 or type(error) not in (ValueError, ImageLoadError, ImageNotFoundError):
+                    raise
+                raise type(error)(f"{'prompt' if use_prompt else 'conversations'}[{index}]: {error}") from None
         if force_batchify:
             return self.batchify(samples)
         return samples if is_list else samples[0]
@@ -551,6 +594,12 @@ class DeepseekVLV2Processor:
         """Pad samples to a batch: ids with pad_id, labels with ignore_id, tiles with zeros, crops with [0, 0]."""
         if not sample_list:
             raise ValueError("batchify needs at least one sample.")
+        for sample in sample_list:
+            if not isinstance(sample, VLChatProcessorOutput):
+                raise ValueError(
+                    f"batchify takes samples of process_one (or of processor(..., force_batchify=False)), got a "
+                    f"{type(sample).__name__}; a processor(...) call already returns a batch."
+                )
         if padding not in ("left", "right"):
             raise ValueError(f"padding must be 'left' or 'right', got {padding!r}.")
         batch_size = len(sample_list)
@@ -597,6 +646,11 @@ def _restore_special_token_flags(tokenizer: Any, tokenizer_config: Path) -> None
         for flag in ("add_bos_token", "add_eos_token"):
             if flag in settings:
                 setattr(tokenizer, flag, settings[flag])
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def _check_unicode(text: str) -> None:
