@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from deepseek_vl.grounding import GroundingResult, parse_grounding
 from deepseek_vl.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
+from deepseek_vl.models.modeling import quant_method, saved_config
 from deepseek_vl.models.processing import VLChatProcessorOutput
 from deepseek_vl.options import DEFAULT_MODEL, GenerationOptions, ModelLoadError
 from deepseek_vl.utils.io import DEFAULT_MAX_PIXELS, load_image
@@ -107,13 +108,15 @@ class VLChat:
         Loading is strict: a missing or mis-shaped weight is an error naming it. ``adapter``: a LoRA adapter
         folder from ``deepseek-vl2 finetune`` (needs peft), merged into the weights once, so it costs no speed.
         ``quantize``: "int8" | "int4" or "nf4" (bitsandbytes; all on CPU and CUDA) weights for the language model,
-        quantized while loading (see deepseek_vl/quantization.py); dtype "auto" is then bfloat16.
+        quantized while loading (see deepseek_vl/quantization.py); dtype "auto" is then bfloat16, as for a folder
+        quantized by auto-round.
         """
         if quantize is not None and adapter is not None:
             raise ValueError("adapter and quantize together: merge the adapter first (deepseek-vl2 merge), then quantize")
         torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype("bfloat16" if quantize is not None and dtype == "auto" else dtype, torch_device)
         folder = resolve_model_folder(model)
+        quantized = quantize is not None or quant_method(saved_config(folder)) == "auto-round"
+        torch_dtype = resolve_dtype("bfloat16" if quantized and dtype == "auto" else dtype, torch_device)
         if adapter is not None:
             from deepseek_vl.train.merge import check_adapter_folder
 

@@ -106,6 +106,26 @@ def test_attention_dropout_applies_in_training_only(attn_implementation: str, us
     assert torch.equal(logits(0.5, False), logits(0.0, False))
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_unmerged_lora_on_kv_b_proj_decodes_as_the_merged_model(attn_implementation: str) -> None:
+    """The absorbed decode reads kv_b_proj's weight, which under peft is the base weight without the adapter's update."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = DeepseekV2Config(**SMALL)
+    config._attn_implementation = attn_implementation
+    model = peft.get_peft_model(DeepseekV2ForCausalLM(config), peft.LoraConfig(r=4, target_modules=["kv_b_proj"]))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter)
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        merged = model.merge_and_unload()(input_ids=ids).logits
+    assert torch.allclose(unmerged, merged, atol=1e-5) and not torch.allclose(unmerged, base, atol=1e-3)
+
+
 def test_sharded_checkpoint_loads(load_model, tmp_path: Path) -> None:
     model = load_model("tiny")
     model.save_pretrained(tmp_path, max_shard_size="2MB")

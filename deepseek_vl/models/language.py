@@ -370,7 +370,8 @@ class DeepseekV2MLA(nn.Module):
     The cache holds only the normalised latent (B, 1, S, R) and the shared rope key (B, 1, S, rope).
     A few queries (decoding) attend in the latent space with ``kv_b_proj`` absorbed into the query
     and output; many queries (prefill) decompress keys and values once and use fused attention.
-    ``attn_implementation="eager"`` always takes the absorbed form, the official eager math.
+    ``attn_implementation="eager"`` always takes the absorbed form, the official eager math. A ``kv_b_proj`` with an
+    unmerged peft adapter is always decompressed through its forward (merge the adapter for the fast decode).
     """
 
     absorbed_max_queries = 16
@@ -395,6 +396,7 @@ class DeepseekV2MLA(nn.Module):
         self.kv_a_layernorm = DeepseekV2RMSNorm(self.kv_lora_rank)
         self.kv_b_proj = Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = Linear(self.num_heads * self.v_dim, config.hidden_size, bias=config.attention_bias)
+        self.register_buffer("dense_kv_b", None, persistent=False)  # see kv_b_weight
         self.scale = q_head_dim**-0.5
         if config.rope_scaling is not None and config.rope_scaling.get("mscale_all_dim", 0):
             mscale = yarn_get_mscale(config.rope_scaling["factor"], config.rope_scaling["mscale_all_dim"])
@@ -417,7 +419,8 @@ class DeepseekV2MLA(nn.Module):
         q_pe, k_pe = apply_rotary(q_pe, *rope, interleaved=True), apply_rotary(k_pe, *rope, interleaved=True)
         if cache is not None:
             k_pe, latent = cache.update(k_pe, latent, self.layer_idx)  # (B, 1, S, rope), (B, 1, S, R)
-        if self.config._attn_implementation == "eager" or t <= self.absorbed_max_queries:
+        adapter = hasattr(self.kv_b_proj, "base_layer")  # peft: only its forward adds the adapter's update
+        if not adapter and (self.config._attn_implementation == "eager" or t <= self.absorbed_max_queries):
             out = self.absorbed_attention(q_nope, q_pe, latent, k_pe, mask)
         else:
             out = self.decompressed_attention(q_nope, q_pe, latent, k_pe, mask)
@@ -432,7 +435,7 @@ class DeepseekV2MLA(nn.Module):
         of the batch instead of the cache broadcast to every head (2x faster in fp32). bf16/fp16 on CPU attend in
         fp32: torch's low-precision batched products are 15x slower than fp32 at these shapes.
         """
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w = self.kv_b_weight(q_nope).view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         w_k, w_v = w[:, : self.nope_dim], w[:, self.nope_dim :]  # (H, nope, R), (H, v, R)
         q_latent = per_head_matmul(q_nope, w_k)  # (B, H, T, R)
         b, h, t, _ = q_latent.shape
@@ -448,6 +451,26 @@ class DeepseekV2MLA(nn.Module):
         probs = attention_dropout(probs, self.config.attention_dropout if self.training else 0.0)
         out = torch.matmul(probs.view(b, 1, h * t, -1), latent).view(b, h, t, -1).to(dtype)  # (B, H, T, R)
         return per_head_matmul(out, w_v.mT)  # (B, H, T, v)
+
+    def kv_b_weight(self, like: torch.Tensor) -> torch.Tensor:
+        """``kv_b_proj``'s (H*(nope+v), R) weight, which the absorbed attention reads per head.
+
+        A pre-quantized checkpoint's ``kv_b_proj`` (GPTQ / AutoRound packed integers) has no such weight: projecting
+        the identity through it, in the dtype of ``like``, gives exactly the weight its own forward uses. Without
+        gradients it is kept, as a non-persistent buffer that follows ``.to()``: 0.4% of Small's parameters, which
+        this package's own quantization keeps unquantized for the same reason.
+        """
+        weight = getattr(self.kv_b_proj, "weight", None)
+        if type(weight) in PLAIN_TENSORS and weight.is_floating_point():
+            return weight
+        kept = self.dense_kv_b
+        if kept is not None and kept.dtype == like.dtype and not torch.is_grad_enabled():
+            return kept
+        eye = torch.eye(self.kv_lora_rank, dtype=like.dtype, device=like.device)
+        dense = self.kv_b_proj(eye).T  # (H*(nope+v), R): row j of the identity picks input j
+        if not torch.is_grad_enabled():
+            self.dense_kv_b = dense.contiguous()
+        return dense
 
     def decompressed_attention(
         self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor, mask: torch.Tensor | None

@@ -38,8 +38,8 @@ CPU_VISION_PASS_BYTES = 16 * 2**20
 PROCESSOR_ONLY_KEYS = ("sft_format", "seq_lens", "labels")
 
 
-def saved_quantization(path: str | os.PathLike, **hub) -> dict | None:
-    """The ``quantization`` entry that ``save_pretrained`` of a quantized model writes into config.json."""
+def saved_config(path: str | os.PathLike, **hub) -> dict | None:
+    """The checkpoint's config.json, local or from the Hub cache; None if there is none (from_pretrained says so)."""
     config_file = Path(path) / hub.get("subfolder", "") / "config.json"
     if not config_file.is_file():
         try:
@@ -47,17 +47,23 @@ def saved_quantization(path: str | os.PathLike, **hub) -> dict | None:
         except OSError:
             found = None
         if found is None:
-            return None  # let from_pretrained report the missing folder or repo
+            return None
         config_file = Path(found)
-    return read_json_file(config_file).get("quantization")
+    return read_json_file(config_file)
 
 
-def quantized_by_bitsandbytes(config: DeepseekVLV2Config | None) -> bool:
-    """Whether transformers loads the model with a BitsAndBytesConfig (an object, or a dict in a saved config.json)."""
-    quantization = getattr(config, "quantization_config", None)
+# transformers' quantizers that convert exact nn.Linear modules only (not subclasses such as language.Linear)
+PLAIN_LINEAR_QUANT_METHODS = ("bitsandbytes", "auto-round")
+
+
+def quant_method(config: DeepseekVLV2Config | dict | None) -> str | None:
+    """The ``quant_method`` transformers loads the model with (a config object, or a dict in a saved config.json)."""
+    quantization = config.get("quantization_config") if isinstance(config, dict) else getattr(
+        config, "quantization_config", None
+    )
     if isinstance(quantization, dict):
-        return quantization.get("quant_method") == "bitsandbytes"
-    return getattr(quantization, "quant_method", None) == "bitsandbytes"
+        return quantization.get("quant_method")
+    return getattr(quantization, "quant_method", None)
 
 
 @contextlib.contextmanager
@@ -150,10 +156,10 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
 
     @classmethod
     def get_init_context(cls, dtype, is_quantized, _is_ds_init_called, allow_all_kernels, config=None) -> list:
-        """transformers' contexts for building the model in ``from_pretrained``; with a ``BitsAndBytesConfig`` the
-        language model's linears are built so that bitsandbytes converts them."""
+        """transformers' contexts for building the model in ``from_pretrained``; with a ``BitsAndBytesConfig`` or an
+        AutoRound checkpoint the language model's linears are built so that the quantizer converts them."""
         contexts = super().get_init_context(dtype, is_quantized, _is_ds_init_called, allow_all_kernels, config)
-        return [*contexts, plain_language_linears()] if quantized_by_bitsandbytes(config) else contexts
+        return [*contexts, plain_language_linears()] if quant_method(config) in PLAIN_LINEAR_QUANT_METHODS else contexts
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
@@ -175,7 +181,14 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
                     f"{str(local)!r} is neither a checkpoint folder nor a Hub repo id "
                     "like 'deepseek-ai/deepseek-vl2-tiny': pass the folder that holds config.json and the weights"
                 )
-        if quantize is not None or saved_quantization(pretrained_model_name_or_path, **hub) is not None:
+        saved = (saved_config(pretrained_model_name_or_path, **hub) or {}) if quantize is None else {}
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if quant_method(saved) == "auto-round" and dtype in (torch.float32, "float32"):
+            raise ValueError(
+                "This AutoRound checkpoint runs in bfloat16 or float16 (auto-round would turn float32 into float16): "
+                "pass dtype=torch.bfloat16"
+            )
+        if quantize is not None or saved.get("quantization") is not None:
             from ..quantization import load_quantized
 
             return load_quantized(cls, pretrained_model_name_or_path, quantize, **kwargs)
@@ -206,7 +219,7 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
             )
         if cast_to is not None:
             cast_releasing_pages(model, cast_to, safetensors_files(pretrained_model_name_or_path, **hub))
-        if quantized_by_bitsandbytes(model.config):
+        if quant_method(model.config) == "bitsandbytes":
             from ..quantization import fit_bitsandbytes_cpu_kernel
 
             fit_bitsandbytes_cpu_kernel(model)
