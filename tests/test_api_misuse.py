@@ -87,6 +87,16 @@ def test_forward_without_inputs_and_with_mismatched_labels(inputs, model) -> Non
         model(**{**dict(inputs.items()), "labels": inputs.labels.int()})
 
 
+def test_language_model_inputs_of_another_dtype_or_mask_length(inputs, model) -> None:
+    """float32 embeddings into a bf16 model, a mask that does not cover the tokens: named, not a matmul error."""
+    embeds = model.prepare_inputs_embeds(**inputs)
+    with pytest.raises(ValueError, match=r"attention_mask \(or position_ids\) does not fit 1 rows of 0 cached"):
+        model.language_model.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask[:, :5], **GREEDY)
+    bf16 = DeepseekVLV2ForCausalLM.from_pretrained(checkpoint("tiny"), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"inputs_embeds are torch.float32 but the model runs in torch.bfloat16"):
+        bf16.language_model.generate(inputs_embeds=embeds, attention_mask=inputs.attention_mask, **GREEDY)
+
+
 def test_processor_output_to_a_dtype_casts_only_the_images(processor) -> None:
     """`.to(torch.bfloat16)` raised torch's "invalid combination of arguments"; the ids must stay int64."""
     batch = processor(conversations=CONVERSATION, images=[IMAGE]).to(torch.bfloat16)

@@ -750,6 +750,9 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        elif (dtype := self.embed_tokens.weight.dtype) in LOW_PRECISION and inputs_embeds.dtype != dtype:
+            raise ValueError(f"inputs_embeds are {inputs_embeds.dtype} but the model runs in {dtype}: pass "
+                             "inputs_embeds.to(model.dtype)")  # fmt: skip
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training:
             cache = InPlaceCache()
@@ -760,6 +763,14 @@ class DeepseekV2Model(DeepseekV2PreTrainedModel):
                 f"The input is longer than the {self.config.max_position_embeddings} tokens the model was trained on "
                 "(max_position_embeddings): expect weaker answers. Shorten the prompt, use fewer or smaller images, "
                 "or split the conversation."
+            )
+        mask_fits = attention_mask is None or (
+            attention_mask.shape[0] == batch and attention_mask.shape[1] >= past + length
+        )
+        if not mask_fits or (position_ids is not None and position_ids.shape[-1] != length):  # generate's come from it
+            raise ValueError(
+                f"the attention_mask (or position_ids) does not fit {batch} rows of {past} cached and {length} new "
+                f"tokens: pass an attention_mask of ({batch}, {past + length}), the processor's"
             )
         if position_ids is None:
             position_ids = torch.arange(past, past + length, device=inputs_embeds.device).expand(batch, -1)
