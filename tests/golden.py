@@ -63,3 +63,36 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
         f"{name}: {int((excess > 0).sum())} values out of tolerance; worst at flat index {int(worst)}: "
         f"{actual.flatten()[worst].item()} vs {expected.flatten()[worst].item()}"
     )
+
+
+def widened_checkpoint(variant: str, folder: Path, **widths: int) -> str:
+    """The golden architecture (heads, experts, routing unchanged) with the language ``widths`` given (the projector
+    follows ``hidden_size``), saved in bf16 with the processor files: quantized formats need widths the 16-wide goldens
+    lack. Golden weights where a shape is unchanged, scaled random ones elsewhere."""
+    from shutil import copyfile
+
+    from torch import nn
+
+    from deepseek_vl.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
+
+    config = DeepseekVLV2Config.from_pretrained(checkpoint(variant))
+    for key, value in widths.items():
+        setattr(config.language_config, key, value)
+    config.projector_config.n_embed = config.language_config.hidden_size
+    torch.manual_seed(0)
+    model = DeepseekVLV2ForCausalLM(config)
+    golden = load_file(str(checkpoint(variant) / "model.safetensors"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in golden and golden[name].shape == param.shape:
+                param.copy_(golden[name])
+            elif param.dim() >= 2:
+                nn.init.normal_(param, std=param[0].numel() ** -0.5)
+            elif "norm" in name:
+                nn.init.ones_(param)
+            else:
+                nn.init.normal_(param, std=param.numel() ** -0.5 if "bias" not in name else 0.0)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    for name in ("processor_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"):
+        copyfile(checkpoint(variant) / name, Path(folder) / name)
+    return str(folder)

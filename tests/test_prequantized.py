@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import checkpoint, official_inputs
+from golden import checkpoint, official_inputs, widened_checkpoint
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deepseek_vl.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM, language
+from deepseek_vl.models import DeepseekVLV2ForCausalLM, language
 from deepseek_vl.models.language import DeepseekV2MoE, MoEGate
 
 if not os.environ.get("DEEPSEEK_VL_REQUIRE_AUTOROUND"):  # .ci/run sets it: there the test extra installs auto-round
@@ -32,29 +32,9 @@ PROCESSOR_FILES = ("processor_config.json", "special_tokens_map.json", "tokenize
 
 def widened(variant: str, folder) -> str:
     """The golden architecture (heads, experts, routing unchanged) with every language width a multiple of 128."""
-    config = DeepseekVLV2Config.from_pretrained(checkpoint(variant))
-    lang = config.language_config
-    lang.hidden_size, lang.intermediate_size, lang.moe_intermediate_size = 128, 256, 128
-    if lang.use_mla:
-        lang.kv_lora_rank, lang.qk_nope_head_dim, lang.qk_rope_head_dim, lang.v_head_dim = 128, 32, 32, 64
-    config.projector_config.n_embed = 128
-    torch.manual_seed(0)
-    model = DeepseekVLV2ForCausalLM(config)
-    golden = load_file(str(checkpoint(variant) / "model.safetensors"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # the golden weight where the shape is unchanged
-            if name in golden and golden[name].shape == param.shape:
-                param.copy_(golden[name])
-            elif param.dim() >= 2:
-                nn.init.normal_(param, std=param[0].numel() ** -0.5)
-            elif "norm" in name:
-                nn.init.ones_(param)
-            else:
-                nn.init.normal_(param, std=param.numel() ** -0.5)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    for name in PROCESSOR_FILES:
-        shutil.copy(checkpoint(variant) / name, folder / name)
-    return str(folder)
+    mla = {"kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 32, "v_head_dim": 64}
+    return widened_checkpoint(variant, folder, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+                              **(mla if variant != "tiny" else {}))  # fmt: skip
 
 
 def autoround_checkpoint(source: str, folder) -> str:

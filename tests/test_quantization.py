@@ -13,11 +13,10 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
-from golden import checkpoint, official_inputs
-from deepseek_vl.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
+from golden import checkpoint, official_inputs, widened_checkpoint
+from deepseek_vl.models import DeepseekVLV2ForCausalLM
 from deepseek_vl.models.language import DeepseekV2MoE, DeepseekV2MLA
 from deepseek_vl import quantization
 from deepseek_vl.quantization import (
@@ -34,27 +33,8 @@ def load(path, **kwargs) -> DeepseekVLV2ForCausalLM:
 
 def widened(variant: str, folder) -> str:
     """The golden architecture at width 128 (heads, experts, routing unchanged), random bf16 weights."""
-    config = DeepseekVLV2Config.from_pretrained(checkpoint(variant))
-    lang = config.language_config
-    lang.hidden_size, lang.intermediate_size, lang.moe_intermediate_size = 128, 256, 64
-    if lang.use_mla:
-        lang.kv_lora_rank, lang.qk_nope_head_dim, lang.v_head_dim = 64, 32, 32
-    config.projector_config.n_embed = 128
-    torch.manual_seed(0)
-    model = DeepseekVLV2ForCausalLM(config)
-    golden = load_file(str(checkpoint(variant) / "model.safetensors"))
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # the golden weight where the shape is unchanged
-            if name in golden and golden[name].shape == param.shape:
-                param.copy_(golden[name])
-            elif param.dim() >= 2:
-                nn.init.normal_(param, std=param[0].numel() ** -0.5)
-            elif "norm" in name:
-                nn.init.ones_(param)
-            else:
-                nn.init.normal_(param, std=param.numel() ** -0.5 if "bias" not in name else 0.0)
-    model.to(torch.bfloat16).save_pretrained(folder)
-    return str(folder)
+    mla = {"kv_lora_rank": 64, "qk_nope_head_dim": 32, "v_head_dim": 32} if variant != "tiny" else {}
+    return widened_checkpoint(variant, folder, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, **mla)
 
 
 @pytest.fixture(scope="module")
