@@ -131,8 +131,12 @@ def test_a_prefilled_cache_serves_several_answers(processor, model) -> None:
         embeds, cache = model.incremental_prefilling(**inputs, chunk_size=4)
         first = model.generate(inputs_embeds=embeds, **inputs, past_key_values=cache, **GREEDY)
         second = model.generate(inputs_embeds=embeds, **inputs, past_key_values=cache, **GREEDY)
+        mask = inputs["attention_mask"]
+        language = [model.language_model.generate(inputs_embeds=embeds, attention_mask=mask, cache=cache, **GREEDY)
+                    for _ in range(2)]  # fmt: skip
     assert torch.equal(first, expected)
     assert torch.equal(second, expected)
+    assert torch.equal(language[0], expected[:, embeds.shape[1] :]) and torch.equal(language[1], language[0])
 
 
 @pytest.mark.parametrize(

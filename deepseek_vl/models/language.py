@@ -811,6 +811,21 @@ class DeepseekV2ForCausalLM(DeepseekV2PreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.model.embed_tokens = value
 
+    def generate(self, *args, **kwargs):
+        """``GenerationMixin.generate``, with a cache the caller passes first cut back to all prompt tokens but the last.
+
+        This package's cache grows in place, so one prefilled by ``incremental_prefilling`` (or used by an earlier
+        call) then serves several answers, as the official code's immutable one does.
+        """
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        prompts = (kwargs.get("inputs_embeds"), kwargs.get("input_ids"), args[0] if args else None)
+        prompt = next((tensor for tensor in prompts if tensor is not None), None)
+        if isinstance(cache, Cache) and prompt is not None:
+            surplus = cache.get_seq_length() - (prompt.shape[1] - 1)
+            if surplus > 0:
+                cache.crop(-surplus)
+        return super().generate(*args, **kwargs)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
         """``generate``'s default cache is the in-place one: a ``DynamicCache`` that does not copy itself each step.
 

@@ -463,15 +463,8 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
             if input_ids is None:
                 raise ValueError("generate needs input_ids (with images) or inputs_embeds")
             inputs_embeds = self.prepare_inputs_embeds(input_ids, images, images_seq_mask, images_spatial_crop)
-        cache = past_key_values if past_key_values is not None else kwargs.pop("cache", None)
-        if isinstance(cache, Cache):
-            # A cache as long as the prompt was extended by an earlier generate: cut it back to the prefilled prompt,
-            # so that one incremental_prefilling serves several answers, as the official (immutable) one does.
-            surplus = cache.get_seq_length() - (inputs_embeds.shape[1] - 1)
-            if surplus > 0:
-                cache.crop(-surplus)
-        if cache is not None:
-            kwargs["cache"] = cache
+        if past_key_values is not None:  # language.generate cuts it back to the prompt (see there)
+            kwargs["cache"] = past_key_values
         for ignored in PROCESSOR_ONLY_KEYS:
             kwargs.pop(ignored, None)
         return self.language.generate(
