@@ -33,7 +33,7 @@ from deepseek_vl.grounding import GroundingResult, parse_grounding
 from deepseek_vl.models import DeepseekVLV2ForCausalLM, DeepseekVLV2Processor
 from deepseek_vl.models.modeling import quant_method, saved_config
 from deepseek_vl.models.processing import VLChatProcessorOutput
-from deepseek_vl.options import DEFAULT_MODEL, GenerationOptions, ModelLoadError
+from deepseek_vl.options import DEFAULT_MODEL, GenerationOptions, ModelLoadError, is_hub_id
 from deepseek_vl.utils.io import DEFAULT_MAX_PIXELS, load_image
 
 __all__ = ["DEFAULT_MODEL", "ChatResult", "ChatStream", "GenerationOptions", "ModelLoadError", "VLChat"]
@@ -608,7 +608,7 @@ def resolve_model_folder(model: str | os.PathLike) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         return path
-    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+    if not is_hub_id(source):
         raise ModelLoadError(f"model {source!r} is neither a checkpoint folder nor a Hub repo id like {DEFAULT_MODEL}")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError

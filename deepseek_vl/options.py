@@ -12,9 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_MODEL", "GenerationOptions", "ModelLoadError", "model_reference"]
+__all__ = ["DEFAULT_MODEL", "GenerationOptions", "ModelLoadError", "is_hub_id", "model_reference"]
 
 DEFAULT_MODEL = "deepseek-ai/deepseek-vl2-tiny"
+
+
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """Whether ``source``, no existing path, can name a Hub repo ("owner/name"), as opposed to a local path."""
+    text = os.fspath(source)
+    return not Path(text).expanduser().exists() and not text.startswith((".", "/", "~")) and text.count("/") == 1
 
 
 def model_reference(model: str) -> str:

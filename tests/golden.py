@@ -74,6 +74,7 @@ def widened_checkpoint(variant: str, folder: Path, **widths: int) -> str:
     from torch import nn
 
     from deepseek_vl.models import DeepseekVLV2Config, DeepseekVLV2ForCausalLM
+    from deepseek_vl.train.merge import PROCESSOR_FILES
 
     config = DeepseekVLV2Config.from_pretrained(checkpoint(variant))
     for key, value in widths.items():
@@ -93,6 +94,6 @@ def widened_checkpoint(variant: str, folder: Path, **widths: int) -> str:
             else:
                 nn.init.normal_(param, std=param.numel() ** -0.5 if "bias" not in name else 0.0)
     model.to(torch.bfloat16).save_pretrained(folder)
-    for name in ("processor_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in PROCESSOR_FILES:
         copyfile(checkpoint(variant) / name, Path(folder) / name)
     return str(folder)

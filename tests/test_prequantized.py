@@ -23,11 +23,11 @@ from torch import nn
 
 from deepseek_vl.models import DeepseekVLV2ForCausalLM, language
 from deepseek_vl.models.language import DeepseekV2MoE, MoEGate
+from deepseek_vl.train.merge import PROCESSOR_FILES
 
 if not os.environ.get("DEEPSEEK_VL_REQUIRE_AUTOROUND"):  # .ci/run sets it: there the test extra installs auto-round
     pytest.importorskip("auto_round", reason="auto-round is the optional [autoround] extra")
 
-PROCESSOR_FILES = ("processor_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def widened(variant: str, folder) -> str:

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
-from ..options import ModelLoadError
+from ..options import ModelLoadError, is_hub_id
 from ..utils.checkpoint import check_model_folder, read_json_file
 from ..utils.loading import HUB_KEYWORDS, cast_releasing_pages, load_at_stored_dtype, safetensors_files
 from . import language
@@ -83,12 +83,6 @@ def plain_language_linears():
         language.Linear = fast
     for module in built:  # those bitsandbytes replaced are no longer in the model
         module.__class__ = fast
-
-
-def is_hub_id(source: str | os.PathLike) -> bool:
-    """Whether a path that is no local folder can name a Hub repo ("owner/name"); as the processor decides."""
-    text = os.fspath(source)
-    return not Path(text).expanduser().exists() and not text.startswith((".", "/", "~")) and text.count("/") == 1
 
 
 def check_loading_arguments(kwargs: dict) -> None:
@@ -250,13 +244,14 @@ class DeepseekVLV2ForCausalLM(DeepseekVLV2PreTrainedModel):
                 return embeds + 0.0 * unused.to(embeds.dtype)
             return embeds
         crops = [[(w, h) for w, h in row if w and h] for row in images_spatial_crop.tolist()]
-        for b, row in enumerate(crops):
-            if sum(1 + w * h for w, h in row) > images.shape[1]:
+        counts = [sum(1 + w * h for w, h in row) for row in crops]  # a global view + the local tiles per image
+        for b, (row, count) in enumerate(zip(crops, counts)):
+            if count > images.shape[1]:
                 raise ValueError(
-                    f"images_spatial_crop of row {b} ({row}) needs {sum(1 + w * h for w, h in row)} tiles but images "
-                    f"holds {images.shape[1]}: images and images_spatial_crop must come from the same processor call."
+                    f"images_spatial_crop of row {b} ({row}) needs {count} tiles but images holds {images.shape[1]}: "
+                    "images and images_spatial_crop must come from the same processor call."
                 )
-        tiles = torch.cat([images[b, : sum(1 + w * h for w, h in row)] for b, row in enumerate(crops)])
+        tiles = torch.cat([images[b, :count] for b, count in enumerate(counts)])
         features = self.encode_tiles(tiles)  # (tiles, h*w, D)
         mask = images_seq_mask.bool()
         if embeds.is_leaf and embeds.requires_grad:  # made so by peft's input hook under gradient checkpointing

@@ -31,7 +31,7 @@ from transformers import AutoProcessor, PreTrainedTokenizerFast
 from deepseek_vl.models.chat_template import apply_chat_template
 from deepseek_vl.models.configuration import DeepseekVLV2Config
 from deepseek_vl.models.conversation import get_conv_template
-from deepseek_vl.options import ModelLoadError
+from deepseek_vl.options import ModelLoadError, is_hub_id
 from deepseek_vl.utils.checkpoint import damaged_json_file, read_json_file
 from deepseek_vl.utils.io import ImageLoadError, ImageNotFoundError, load_image, load_pil_images
 
@@ -228,7 +228,7 @@ class DeepseekVLV2Processor:
                     "write them with DeepseekVLV2Processor.save_pretrained)."
                 )
             config_file, tokenizer_source = path / PROCESSOR_CONFIG_NAME, str(path)
-        elif path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        elif not is_hub_id(source):
             raise FileNotFoundError(f"{source!r} is neither a folder nor a Hub repo id of the form 'owner/name'.")
         else:
             from huggingface_hub import hf_hub_download

@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepseek_vl.models.processing import PROCESSOR_CONFIG_NAME, TOKENIZER_FILES
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-PROCESSOR_FILES = ("processor_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json")
+PROCESSOR_FILES = (PROCESSOR_CONFIG_NAME, "special_tokens_map.json", *TOKENIZER_FILES)  # as a released model has
 
 
 def check_adapter_folder(adapter: str | os.PathLike) -> Path:
