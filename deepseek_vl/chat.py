@@ -115,8 +115,12 @@ class VLChat:
             raise ValueError("adapter and quantize together: merge the adapter first (deepseek-vl2 merge), then quantize")
         torch_device = resolve_device(device)
         folder = resolve_model_folder(model)
-        quantized = quantize is not None or quant_method(saved_config(folder)) == "auto-round"
-        torch_dtype = resolve_dtype("bfloat16" if quantized and dtype == "auto" else dtype, torch_device)
+        if adapter is not None and (saved := saved_quantization(folder)) is not None:
+            raise ValueError(
+                f"{folder} holds {saved} weights, which an adapter cannot be merged into: merge the adapter into the "
+                "full-precision model (deepseek-vl2 merge), then quantize"
+            )
+        torch_dtype = load_dtype(folder, dtype, torch_device, quantize)
         if adapter is not None:
             from deepseek_vl.train.merge import check_adapter_folder
 
@@ -600,6 +604,25 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     return _DTYPES[dtype]
+
+
+def saved_quantization(model: str | os.PathLike) -> str | None:
+    """How a checkpoint's weights are saved quantized: this package's mode ("int8", "int4", "nf4") or transformers'
+    ``quant_method`` ("auto-round", ...); None for full-precision weights."""
+    from deepseek_vl.utils.hub import hub_unreachable
+
+    hub = {} if Path(model).is_dir() else {"local_files_only": hub_unreachable()}
+    config = saved_config(model, **hub) or {}
+    return (config.get("quantization") or {}).get("mode") or quant_method(config)
+
+
+def load_dtype(
+    model: str | os.PathLike, dtype: str | torch.dtype, device: torch.device, quantize: str | None = None
+) -> torch.dtype:
+    """The dtype `VLChat.from_pretrained` loads ``model`` in: "auto" is bfloat16 for quantized weights (``quantize``,
+    or a checkpoint saved quantized), as their kernels and sizes assume; otherwise see `resolve_dtype`."""
+    quantized = dtype == "auto" and (quantize is not None or saved_quantization(model) is not None)
+    return resolve_dtype("bfloat16" if quantized else dtype, device)
 
 
 def resolve_model_folder(model: str | os.PathLike) -> Path:

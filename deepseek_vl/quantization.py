@@ -7,6 +7,8 @@ CPU (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) and CUDA (``_weig
 ``_weight_int4pack_mm``). torchao 0.18's ``Int8WeightOnlyConfig`` converts the whole int8 weight to the
 activation dtype on every call on CPU and its ``Int4WeightOnlyConfig`` has no CPU packing, so neither is faster
 than bf16 there (``benchmarks/bench_quant.py``); its configs stay usable through transformers' ``TorchAoConfig``.
+Layers whose shapes a kernel cannot run stay unquantized: int8 needs a multiple of 16 inputs (torch's CPU kernel
+crashes on other bf16 rows; every real layer is one), int4 a multiple of 32 (128 on CUDA).
 ``nf4`` is bitsandbytes' 4-bit NormalFloat (blocks of 64 weights, CPU and CUDA), the base of QLoRA; layers whose
 inputs are not a multiple of 64 stay unquantized (bitsandbytes 0.50.2 dequantizes them wrongly on CPU; the real
 language layers all are multiples of 64, the narrow golden checkpoints' are not).
@@ -38,7 +40,8 @@ from .utils.memory import malloc_trim
 MODES = ("int8", "int4", "nf4")
 MIN_BITSANDBYTES = "0.50"  # tested: 0.50.2, whose NF4 runs on CPU (AVX512-BF16 kernel or dequantize + matmul) and CUDA
 NF4_BLOCK = 64  # bitsandbytes' default NF4 block (one absmax per 64 weights)
-KERNEL_ALIGNMENT = 16  # bytes
+KERNEL_ALIGNMENT = 32  # bytes: see aligned
+INT8_K_MULTIPLE = 16  # inputs: bf16 rows of 32 bytes, each on the boundary the int8 CPU kernel needs (see aligned)
 INT4_GROUP_SIZES = (128, 64, 32)  # the CPU kernel accepts 32..256; the largest that divides K is used
 LANGUAGE_LINEAR = re.compile(r"language\.model\.layers\.\d+\.(self_attn\.(?!kv_b_proj)\w+|mlp\.(experts\.\d+\.|shared_experts\.)?\w+_proj)$")
 VISION_LINEAR = re.compile(r"(vision\.blocks\.\d+\.(attn|mlp)\.\w+|projector\.layers\.\d+)$")
@@ -141,8 +144,8 @@ class Int4Linear(nn.Module):
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a copy of it in a fresh allocation: torch's int8 weight-only CPU kernel crashes (segfault) on bfloat16
-    inputs whose weight or activation data do not start on a 16-byte boundary, as a tensor read from a safetensors
-    file or a slice of a larger one may not."""
+    inputs whose weight data do not start on a 16-byte boundary or whose activation data do not start on a 32-byte
+    one (torch 2.14, AVX-512), as a tensor read from a safetensors file or a slice of a larger one may not."""
     return t if t.data_ptr() % KERNEL_ALIGNMENT == 0 else t.clone()
 
 
@@ -293,6 +296,8 @@ def replace_linears(
             continue
         if mode == "int4" and (module.in_features % int4_k or module.out_features % 16):
             continue  # no int4 kernel for this shape (vision fc2: 4304 inputs): kept in the model dtype
+        if mode == "int8" and module.in_features % INT8_K_MULTIPLE:
+            continue  # torch's int8 CPU kernel segfaults on such bf16 rows (the golden vision fc2: 239): kept
         if mode == "nf4" and module.in_features % NF4_BLOCK:
             continue  # bitsandbytes 0.50.2's CPU dequantize misplaces blocks that straddle rows: kept, on any device
         n, k, bias = module.out_features, module.in_features, module.bias is not None
@@ -365,7 +370,10 @@ def load_quantized(
     saved = getattr(config, "quantization", None)
     if saved is not None:
         if quantize not in (None, saved["mode"]):
-            raise ValueError(f"{folder} holds {saved['mode']} weights; load it without quantize= or with '{saved['mode']}'")
+            raise ValueError(
+                f"{folder} holds {saved['mode']} weights, quantized when it was saved: leave out quantize= (--quantize) "
+                f"or set it to '{saved['mode']}'"
+            )
         quantize, quantize_vision, quantize_lm_head = saved["mode"], saved.get("vision", False), saved.get("lm_head", False)
     device = load_device(device_map)
     check_mode(quantize, device)

@@ -274,11 +274,10 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_chat(args: argparse.Namespace) -> VLChat:
     """Load the model named by --model/--device/--dtype, saying so on stderr (transformers shows a progress bar)."""
-    from deepseek_vl.chat import VLChat, resolve_device, resolve_dtype
+    from deepseek_vl.chat import VLChat, load_dtype, resolve_device
 
     device = resolve_device(args.device)
-    quantized = getattr(args, "quantize", None) is not None
-    dtype = resolve_dtype("bfloat16" if quantized and args.dtype == "auto" else args.dtype, device)
+    dtype = load_dtype(args.model, args.dtype, device, getattr(args, "quantize", None))
     print(f"Loading {args.model} on {device} ({str(dtype).removeprefix('torch.')})...", file=sys.stderr, flush=True)
     chat = VLChat.from_pretrained(
         args.model, device=device, dtype=dtype, adapter=getattr(args, "adapter", None), quantize=getattr(args, "quantize", None)
