@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,12 +66,13 @@ class Row:
         messages = _json_field(data, "messages", [{"role": "user", "content": data.get("prompt")}])
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError('"messages" must be a list of {"role": ..., "content": ...} objects')
-        self.messages = [m | {"images": _resolve(m["images"], base)} if m.get("images") is not None else m
-                         for m in messages]  # fmt: skip
+        messages = [_present(m) for m in messages]
+        self.messages = [m | {"images": _resolve(m["images"], base)} if "images" in m else m for m in messages]
         self.images = _resolve(_json_field(data, "images", None), base)
         row_options = _json_field(data, "options", {})
-        if not isinstance(row_options, dict) or (unknown := sorted(set(row_options) - set(ROW_OPTIONS))):
+        if not isinstance(row_options, dict) or (unknown := sorted(set(_present(row_options)) - set(ROW_OPTIONS))):
             raise ValueError(f'"options" must be an object with keys among {list(ROW_OPTIONS)}')
+        row_options = _present(row_options)
         given = row_options | {key: data[key] for key in ROW_OPTIONS if key in data}
         self.options = defaults | {key: _integral(key, _python(value)) for key, value in given.items()}
         GenerationOptions(**{key: value for key, value in self.options.items() if key in GENERATION_KEYS})
@@ -82,6 +84,11 @@ class Row:
         return f"{key}#{id(self)}" if self.options.get("temperature") and self.options.get("seed") is not None else key
 
 
+def _present(value: dict[str, Any]) -> dict[str, Any]:
+    """A struct cell without its null fields: Arrow gives every row all the fields any row of the column has."""
+    return {key: item for key, item in value.items() if item is not None}
+
+
 def _json_field(data: dict[str, Any], key: str, default: Any) -> Any:
     """A list or object column may hold a JSON string (convenient in Parquet and CSV)."""
     value = data.get(key, default)
@@ -89,6 +96,9 @@ def _json_field(data: dict[str, Any], key: str, default: Any) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError as error:
+            if key == "images":  # most likely one path or URL
+                raise ValueError(f'"images" must be a list (or its JSON text), got the string {value[:80]!r}: put '
+                                 "the image in a list") from error  # fmt: skip
             raise ValueError(f'"{key}" is a string but not valid JSON: {error.msg}') from error
     return value
 
@@ -140,6 +150,34 @@ def _python(value: Any) -> Any:
     return value
 
 
+def result_types() -> dict[str, Any]:
+    """The Arrow type of each result column (`ChatResult.to_dict()`, and `error`)."""
+    import pyarrow as pa
+
+    box = pa.struct([
+        ("label", pa.string()), ("box", pa.list_(pa.int64())), ("pixels", pa.list_(pa.float64())),
+        ("image_index", pa.int64()),
+    ])  # fmt: skip
+    return {
+        "text": pa.string(), "boxes": pa.list_(box), "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(),
+        "finish_reason": pa.string(), "error": pa.string(),
+    }  # fmt: skip
+
+
+def _check_columns(names: list[str]) -> None:
+    """Column mistakes that would silently lose data or images, refused before any row is answered."""
+    if clash := sorted(set(names) & set(RESULT_COLUMNS)):
+        raise ValueError(
+            f"the dataset has columns {clash}, which VLPredictor writes its answers to; rename them first "
+            "(Dataset.rename_columns)"
+        )
+    if "image" in names and "images" not in names:
+        raise ValueError(
+            'VLPredictor reads images from the column "images" (a list of images per row), not "image": '
+            'rename it and put each image in a list, e.g. ds.map(lambda row: {**row, "images": [row.pop("image")]})'
+        )
+
+
 def _rows(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The rows of a dict of columns (numpy arrays, lists or a pandas DataFrame's columns)."""
     columns = {key: list(values) for key, values in batch.items()}
@@ -152,14 +190,16 @@ class VLPredictor:
     """Answers batches of rows; built once per Ray actor (or process), so the model loads once.
 
     Constructor: the model (folder or Hub id), `device`, `dtype`, `quantize` and `adapter` (as
-    `VLChat.from_pretrained`), `base_dir` for relative image paths, and default generation options
-    (`max_new_tokens=`, `temperature=`, ..., `system_prompt=`).
+    `VLChat.from_pretrained`), `base_dir` for relative image paths, `max_image_pixels` (default: VLChat's), and
+    default generation options (`max_new_tokens=`, `temperature=`, ..., `system_prompt=`).
 
     Columns read: `prompt` (a string) or `messages` (a list of turns, or its JSON text); `images` (paths, URLs,
     data URLs or raw bytes, for the `<image>` tags in order, or without tags for the last user message); optional
     per-row options (`max_new_tokens`, `temperature`, ..., `system_prompt`, or an `options` object); any other
-    column (`id`, ...) is passed through. Columns added: `text`, `boxes` (list of {label, box, pixels,
-    image_index}), `prompt_tokens`, `completion_tokens`, `finish_reason`, `error` (None when answered).
+    column (`id`, ...) is passed through (with `batch_format="pyarrow"` exactly as read: Ray's default numpy batches
+    turn a list column with nulls into pickled objects). Columns added, with the Arrow types of `result_types()`:
+    `text`, `boxes` (list of {label, box, pixels, image_index}), `prompt_tokens`, `completion_tokens`,
+    `finish_reason`, `error` (None when answered).
     """
 
     def __init__(
@@ -172,10 +212,12 @@ class VLPredictor:
         adapter: str | None = None,
         base_dir: str | None = None,
         exif_transpose: bool = False,
+        max_image_pixels: int | None = None,
         **generation: Any,
     ) -> None:
         self._arguments = {"model": model, "device": device, "dtype": dtype, "quantize": quantize, "adapter": adapter,
-                           "base_dir": base_dir, "exif_transpose": exif_transpose} | generation  # fmt: skip
+                           "base_dir": base_dir, "exif_transpose": exif_transpose,
+                           "max_image_pixels": max_image_pixels} | generation  # fmt: skip
         if unknown := sorted(set(generation) - set(ROW_OPTIONS)):
             raise ValueError(f"unknown generation options {unknown}; use {list(ROW_OPTIONS)}")
         GenerationOptions(**{key: value for key, value in generation.items() if key in GENERATION_KEYS})
@@ -187,6 +229,8 @@ class VLPredictor:
         self.pipe = VLChat.from_pretrained(
             model, device=device, dtype=dtype, progress=False, quantize=quantize, adapter=adapter
         )
+        if max_image_pixels is not None:
+            self.pipe.max_image_pixels = max_image_pixels
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled as its constructor arguments: the copy loads the model itself, where it is unpickled."""
@@ -195,12 +239,28 @@ class VLPredictor:
     def __setstate__(self, arguments: dict[str, Any]) -> None:
         self.__init__(**arguments)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        records = self.answer_rows([{k: v for k, v in row.items() if k in ROW_KEYS} for row in _rows(batch)])
-        output = {key: list(values) for key, values in batch.items()}
-        for column in RESULT_COLUMNS:
-            output[column] = [record.get(column) for record in records]
-        return output
+    def __call__(self, batch: Any) -> Any:
+        """The batch (a dict of columns, a pandas DataFrame or a pyarrow Table, as `batch_format` gives it) with the
+        result columns added as Arrow arrays of fixed types: a batch whose rows all failed (or found no box) has the
+        schema of any other, so `write_parquet` writes one schema and the blocks concatenate."""
+        import pyarrow as pa
+
+        names = list(batch.column_names if isinstance(batch, pa.Table) else batch.keys())
+        _check_columns(names)
+        rows = batch.to_pylist() if isinstance(batch, pa.Table) else list(_rows(batch))
+        records = self.answer_rows([{k: v for k, v in row.items() if k in ROW_KEYS} for row in rows])
+        results = {
+            column: pa.array([record.get(column) for record in records], type=kind)
+            for column, kind in result_types().items()
+        }
+        if isinstance(batch, pa.Table):
+            for column, values in results.items():
+                batch = batch.append_column(column, values)
+            return batch
+        pandas = sys.modules.get("pandas")  # a DataFrame means pandas is loaded; plain dicts need no pandas
+        if pandas is not None and isinstance(batch, pandas.DataFrame):
+            return batch.assign(**{column: pandas.arrays.ArrowExtensionArray(v) for column, v in results.items()})
+        return dict(batch) | results
 
     def answer_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One record per row: the `ChatResult.to_dict()` keys, or `{"error": message}`."""
@@ -256,6 +316,9 @@ def run_ray_batch(
     model = str(predictor_kwargs.get("model", ""))
     if model.startswith((".", "/", "~")) and not Path(model).expanduser().is_dir():  # caught here, not in each actor
         raise ModelLoadError(f"model folder {model!r} does not exist")
+    for key in ("model", "adapter"):  # actors do not run in this process's folder: a relative path names another
+        if predictor_kwargs.get(key) and Path(predictor_kwargs[key]).expanduser().is_dir():
+            predictor_kwargs = predictor_kwargs | {key: str(Path(predictor_kwargs[key]).expanduser().resolve())}
     try:
         import ray
     except ImportError as error:
@@ -277,8 +340,14 @@ def run_ray_batch(
         batch_size=batch_size,
         num_gpus=num_gpus,
     )
-    for record in answered.iter_rows():
-        yield {"id": json.loads(record["id"]), "line": int(record["line"])} | json.loads(record["answer"])
+    try:
+        for record in answered.iter_rows():
+            yield {"id": json.loads(record["id"]), "line": int(record["line"])} | json.loads(record["answer"])
+    except ray.exceptions.RayActorError as error:
+        if not error.actor_init_failed:
+            raise
+        cause = str(error).strip().splitlines()[-1]  # the actor's exception, after its traceback
+        raise ModelLoadError(f"the Ray actors could not load the model {model!r}: {cause}") from error
 
 
 class _RequestPredictor(VLPredictor):

@@ -342,6 +342,8 @@ def _answer_on_ray(todo: list[Request], args: argparse.Namespace) -> Iterator[tu
     loading = {key: getattr(args, key, None) for key in ("quantize", "adapter") if getattr(args, key, None)}
     predictor = {"model": args.model, "device": args.device, "dtype": args.dtype, **loading}
     predictor["exif_transpose"] = args.exif_transpose
+    if args.max_image_pixels:  # the limit the local run sets (load_chat)
+        predictor["max_image_pixels"] = args.max_image_pixels
     for record in run_ray_batch(rows, predictor, address=args.ray_address, concurrency=args.concurrency,
                                 batch_size=args.batch_size, num_gpus=args.num_gpus):  # fmt: skip
         answer = {key: value for key, value in record.items() if key not in ("id", "line")}
