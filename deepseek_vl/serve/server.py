@@ -242,8 +242,8 @@ def create_app(
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
-        if first[0] == "error":
-            raise _as_api_error(first[1])
+        if first[0] == "error":  # not raised: the worker or engine counted this job in requests_finished
+            return _as_api_error(first[1]).response()
         if not req.stream:
             return JSONResponse(reply.completion(first[1]))
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -349,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
     The first signal stops taking requests and stops the generations (open streams end with an error event), then
     the process exits with status 0; a second signal exits at once.
     """
+    import signal
     import threading
 
     import uvicorn
@@ -380,6 +381,7 @@ def run(args: argparse.Namespace) -> int:
         h11_max_incomplete_event_size=64 * 1024,
     )  # fmt: skip: connections beyond the limit get 503; idle keep-alive connections are closed
     server = Server(config)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # else its re-raise below kills the process (-15)
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn raises the signal again once it has shut down

@@ -225,6 +225,7 @@ class EngineWorker:
             self.closed = True
         self.preparing.shutdown(wait=True, cancel_futures=True)
         for job in self.unprepared:
+            self._count_unrun("error")
             job.emit("error", WorkerClosed("the server is shutting down"))
         self.engine.stop()
 
@@ -233,7 +234,7 @@ class EngineWorker:
             if self.closed:
                 raise WorkerClosed("the server is shutting down")
             self.unprepared.add(job)
-        self.preparing.submit(self._admit, job)
+            self.preparing.submit(self._admit, job)  # under the lock: stop() cannot shut the pool down in between
 
     def _admit(self, job: Job) -> None:
         from deepseek_vl.engine import EngineClosed
@@ -241,6 +242,7 @@ class EngineWorker:
         with self.lock:
             self.unprepared.discard(job)
         if job.cancelled.is_set():
+            self._count_unrun("cancelled")
             return
 
         def done(outcome: ChatResult | BaseException) -> None:
@@ -252,6 +254,14 @@ class EngineWorker:
         try:
             self.engine.submit(job.messages, cancel=job.cancelled, on_piece=on_piece, on_done=done, **job.options)
         except EngineClosed:
+            self._count_unrun("error")
             job.emit("error", WorkerClosed("the server is shutting down"))
         except Exception as error:  # noqa: BLE001 - a bad conversation is this request's error
+            self._count_unrun("error")
             job.emit("error", error)
+
+    def _count_unrun(self, reason: str) -> None:
+        """Count a job the engine never took as the engine counts its own ends: every job submitted here is counted
+        once in ``requests_finished``, whether its client left first, it was refused, or the server stopped."""
+        if self.engine.metrics is not None:
+            self.engine.metrics.finished.labels(reason).inc()
