@@ -287,6 +287,19 @@ def test_unusable_paths_are_one_clear_error(tmp_path):
         load_image("/dev/null")
 
 
+def test_bare_base64_image_data_is_named_as_such():
+    """Image data pasted without its data URL prefix is neither a missing file nor a too long file name."""
+    for fmt in ("PNG", "JPEG", "GIF", "WEBP", "BMP"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format=fmt)
+        encoded = base64.b64encode(buffer.getvalue()).decode()
+        with pytest.raises(ImageLoadError, match="is base64-encoded image data, not a path: pass it as a data URL"):
+            load_image(encoded)
+        assert load_image(f"data:image/{fmt.lower()};base64,{encoded}").size == (8, 8)
+    with pytest.raises(ImageNotFoundError, match="does not exist"):
+        load_image("Qk_photos/holiday.png")  # a path that merely starts like BMP's base64 is still a path
+
+
 def test_public_only_policy_refuses_local_addresses_and_redirects(server):
     public = RemotePolicy(public_only=True)
     port = server.rsplit(":", 1)[1]

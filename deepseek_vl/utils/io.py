@@ -53,6 +53,9 @@ DEFAULT_MAX_PIXELS = 50_000_000
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _URL_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]+://")  # two letters at least: C://x is a Windows path
 _WHITESPACE = re.compile(r"[\t\n\f\r ]+")
+# The base64 openings of PNG, JPEG, GIF, WebP and BMP files: a "path" starting so is image data pasted without its
+# data URL prefix (as some APIs take it), which would otherwise be reported as a missing or too long file name.
+_BARE_BASE64 = re.compile(r"(iVBORw0KGgo|/9j/|R0lGOD|UklGR|Qk[0-9A-Za-z+/]{2}AAAAAA)[0-9A-Za-z+/=\s]{32,}$")
 
 
 class ImageLoadError(ValueError):
@@ -158,6 +161,11 @@ def load_image(
             "(download other URLs first)."
         )
 
+    if _BARE_BASE64.match(text):
+        raise ImageLoadError(
+            f"Image path {_short(text)} is base64-encoded image data, not a path: pass it as a data URL "
+            "(data:image/png;base64,...) or decode it to bytes."
+        )
     path = _regular_file(text)
     return _decode(path, _short(str(path), 200), exif_transpose, max_pixels)
 
