@@ -157,3 +157,23 @@ def test_int8_vision_layers_the_kernel_cannot_run_stay_in_the_model_dtype():
     assert type(blocks[0].mlp.fc2) is torch.nn.Linear and blocks[0].mlp.fc2.weight.dtype == torch.bfloat16
     chat = VLChat(model, DeepseekVLV2Processor.from_pretrained(checkpoint("tiny")))
     assert len(chat.chat(REQUESTS[1][0], max_new_tokens=3).token_ids) == 3
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "qlora"])
+def test_fine_tuning_a_saved_quantized_folder_is_refused_before_loading(
+    method: str, saved_int8: Path, tmp_path, monkeypatch
+) -> None:
+    """`finetune --model SAVED_INT8` loaded the model, then failed inside peft ("Target module Int8Linear ... is not
+    supported"), or for --method qlora with a quantize= error; only QLoRA on a saved nf4 folder can train."""
+    import json
+
+    from deepseek_vl.train.trainer import FinetuneConfig, check_base_weights, load_model
+
+    monkeypatch.setattr(DeepseekVLV2ForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    config = FinetuneConfig(model=str(saved_int8), output=str(tmp_path / "out"), method=method)
+    with pytest.raises(ValueError, match=f"holds int8 weights, which --method {method} cannot train"):
+        load_model(config)
+    (tmp_path / "config.json").write_text(json.dumps({"quantization": {"mode": "nf4"}}))
+    check_base_weights(tmp_path, "qlora")  # QLoRA's own base, saved: accepted
+    with pytest.raises(ValueError, match="holds nf4 weights, which --method lora cannot train"):
+        check_base_weights(tmp_path, "lora")

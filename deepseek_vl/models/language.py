@@ -579,6 +579,9 @@ class DeepseekV2MoE(nn.Module):
     def __init__(self, config: DeepseekV2Config) -> None:
         super().__init__()
         self.reference = False
+        # this micro-batch's share of the balance loss of the whole step: the fine-tuning Trainer sets it under gradient
+        # accumulation and data parallelism, whose micro-batch losses each add their gradient
+        self.aux_loss_weight = 1.0
         self.experts = nn.ModuleList(
             DeepseekV2MLP(config, config.moe_intermediate_size) for _ in range(config.n_routed_experts)
         )
@@ -635,7 +638,8 @@ class DeepseekV2MoE(nn.Module):
         if self.gate.config.aux_loss_alpha > 0:
             if token_mask is None:
                 token_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            y = AddAuxiliaryLoss.apply(y, self.gate.load_balancing_loss(scores, idx, token_mask))
+            aux_loss = self.gate.load_balancing_loss(scores, idx, token_mask) * self.aux_loss_weight
+            y = AddAuxiliaryLoss.apply(y, aux_loss)
         if hasattr(self, "shared_experts"):
             y = y + self.shared_experts(x)
         return y

@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,14 +25,16 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, sort_checkpoints
 
+from deepseek_vl.models.language import DeepseekV2MoE
 from deepseek_vl.options import model_reference
 from deepseek_vl.train.collate import Collator, check_rows, context_length
 from deepseek_vl.train.data import DataError, Example
 from deepseek_vl.train.lora import TrainableParts, apply_lora, count_parameters, prepare_full
+from deepseek_vl.train.merge import add_official_dtype_key
 
 METHODS = ("lora", "qlora", "full")
 FSDP_UNITS = ["DeepseekV2DecoderLayer", "Block"]  # the model's _no_split_modules: decoder layer, ViT block
@@ -168,11 +171,12 @@ def prepare_output(config: FinetuneConfig) -> str | None:
     return checkpoint
 
 
-def check_checkpoint(checkpoint: Path, config: FinetuneConfig) -> None:
+def check_checkpoint(checkpoint: Path, config: FinetuneConfig, layout: dict[str, Any] | None = None) -> None:
     """The checkpoint must come from a run like this one (another method or model would fail to load or mix runs)
     and be whole: Trainer writes trainer_state.json after the weights and optimizer state, so a run stopped while
-    saving leaves a checkpoint without it (and maybe with cut-off weights)."""
-    record_file, ours = checkpoint / RUN_FILE, run_record(config)
+    saving leaves a checkpoint without it (and maybe with cut-off weights). ``layout``: the trainer's
+    (``FinetuneTrainer.layout``), once it is built."""
+    record_file, ours = checkpoint / RUN_FILE, run_record(config) | (layout or {})
     if record_file.is_file():
         saved = json.loads(record_file.read_text(encoding="utf-8"))
     elif (checkpoint / "adapter_config.json").is_file():  # from before run records: its files tell the method
@@ -185,7 +189,7 @@ def check_checkpoint(checkpoint: Path, config: FinetuneConfig) -> None:
     if differ:
         raise ValueError(
             f"cannot resume from {str(checkpoint)!r}: it was trained with {'; '.join(differ)}; resume with the same "
-            "settings, or start a new run in an empty --output"
+            "settings (global batch: --batch-size x --grad-accum x processes), or start a new run in an empty --output"
         )
     if not (checkpoint / TRAINER_STATE_NAME).is_file():
         whole = [path for path in sort_checkpoints(str(checkpoint.parent)) if Path(path, TRAINER_STATE_NAME).is_file()]
@@ -196,11 +200,37 @@ def check_checkpoint(checkpoint: Path, config: FinetuneConfig) -> None:
         )
 
 
+def check_random_state(checkpoint: Path, processes: int, config: FinetuneConfig) -> None:
+    """Trainer restores each process's random state from the file that process saved: resumed on another number of
+    processes, LoRA dropout draws its masks from other random streams than the run that saved the checkpoint."""
+    saved = len(list(checkpoint.glob("rng_state_*.pth"))) or 1
+    if saved != processes and config.method != "full" and config.lora_dropout > 0:
+        warnings.warn(
+            f"resuming {str(checkpoint)!r}, saved by {saved} process(es), on {processes}: the data order, optimizer "
+            f"state and step carry over, but the dropout masks (--lora-dropout {config.lora_dropout}) come from "
+            "other random streams than in an uninterrupted run",
+            stacklevel=2,
+        )
+
+
 def resolve_dtype(name: str, method: str) -> torch.dtype:
     """auto: bf16 weights for LoRA on a GPU (LoRA weights stay fp32), fp32 master weights for full fine-tuning."""
     if name != "auto":
         return getattr(torch, name)
     return torch.bfloat16 if torch.cuda.is_available() and method != "full" else torch.float32
+
+
+def check_base_weights(folder: Path, method: str) -> None:
+    """A checkpoint saved quantized trains only as QLoRA's own nf4 base: peft has no LoRA layer for the int8 / int4
+    modules, and their integer weights cannot take full fine-tuning's updates."""
+    from deepseek_vl.chat import saved_quantization
+
+    saved = saved_quantization(folder)
+    if saved is not None and not (method == "qlora" and saved == "nf4"):
+        raise ValueError(
+            f"{folder} holds {saved} weights, which --method {method} cannot train: fine-tune the full-precision "
+            "model (--method qlora quantizes it to nf4 itself), then quantize the merged result"
+        )
 
 
 def load_model(config: FinetuneConfig, processor=None):
@@ -211,6 +241,7 @@ def load_model(config: FinetuneConfig, processor=None):
     check_config(config)
     set_seed(config.seed)  # the LoRA initialisation is random: same seed, same run, however many processes
     folder = resolve_model_folder(config.model)
+    check_base_weights(folder, config.method)
     processor = processor or DeepseekVLV2Processor.from_pretrained(folder)
     dtype = resolve_dtype(config.dtype, config.method)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -281,7 +312,14 @@ def training_arguments(config: FinetuneConfig, has_eval: bool) -> TrainingArgume
 
 
 class FinetuneTrainer(Trainer):
-    """Trainer whose FSDP also runs on CPU processes (gloo), and whose processes all run the vision tower each step.
+    """Trainer whose N processes and accumulated micro-batches make one process's step on the whole batch, whose FSDP
+    also runs on CPU processes (gloo), and whose processes all run the vision tower each step.
+
+    accelerate evens out an epoch's (or the eval set's) last global batch by repeating rows from its start on the
+    processes that have too few: those rows would be trained (and evaluated) twice. They are cut off here; a process
+    left with none keeps one row without labels, whose gradient is zero, to stay in step with the others' collectives.
+    The MoE balance loss, a mean over rows that each micro-batch adds as a gradient, is weighted by the micro-batch's
+    share of the step's rows; the eval loss is the mean over every label token of the eval set.
 
     accelerate 1.16 only switches to FSDP for accelerator devices (AcceleratorState: the ``fsdp_plugin`` is taken in
     the MULTI_GPU/NPU/XPU/... branch); on MULTI_CPU it drops the plugin and silently wraps the model in DDP instead.
@@ -306,6 +344,96 @@ class FinetuneTrainer(Trainer):
                             if name.startswith(("vision.", "projector.")))  # fmt: skip
         if self.is_fsdp_enabled or (self.args.world_size > 1 and trains_vision):
             unwrapped.vision_in_lockstep = True
+        self.moe_layers = [module for module in unwrapped.modules() if isinstance(module, DeepseekV2MoE)]
+        self.step_rows = 0  # the rows of the current optimizer step, over its micro-batches and processes
+        self.eval_totals = torch.zeros(2, dtype=torch.float64)  # summed eval loss, label tokens
+
+    def layout(self) -> dict[str, Any]:
+        """What a checkpoint of this run resumes into: the same engine, whose checkpoint files differ (a DDP one is a
+        1-process one), and the same global batch, since Trainer finds the rows already trained by counting batches
+        (another size would skip rows or train them twice). ZeRO's optimizer state is split over the processes: for
+        DeepSpeed, the same number of processes too (FSDP's checkpoint holds the whole state)."""
+        engine = "deepspeed" if self.is_deepspeed_enabled else "fsdp" if self.is_fsdp_enabled else "ddp"
+        args = self.args
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        layout = {"engine": engine, "global_batch": batch}
+        return layout | ({"processes": args.world_size} if engine == "deepspeed" else {})
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """torch cannot load an FSDP optimizer state that holds no tensor (AssertionError "Expected device to be
+        set"), as plain SGD's: there, only the learning-rate schedule is restored, into the optimizer too."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # under accelerate's wrapper
+        stateless = isinstance(optimizer, torch.optim.SGD) and not any(g["momentum"] for g in optimizer.param_groups)
+        if checkpoint is None or not (self.is_fsdp_enabled and stateless):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint, SCHEDULER_NAME), weights_only=True))
+        for group, rate in zip(optimizer.param_groups, self.lr_scheduler.get_last_lr(), strict=True):
+            group["lr"] = rate
+
+    def without_repeats(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch without the rows accelerate repeated into the dataloader's last global batch (see the class)."""
+        state = self.accelerator.gradient_state
+        if self.args.world_size == 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return batch
+        size = len(batch["labels"])  # every process's batch is full, repeats included
+        real = min(max(state.remainder - self.args.process_index * size, 0), size)
+        kept = {key: value[: max(real, 1)] for key, value in batch.items()}
+        if not real:
+            kept["labels"] = torch.full_like(kept["labels"], -100)
+        return kept
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The step's micro-batches (repeats cut off) and their label tokens; their rows, all processes', in step_rows."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(self.without_repeats(next(epoch_iterator)))
+            except StopIteration:
+                break
+        rows = torch.tensor(sum(labelled_rows(batch) for batch in batches), device=device)
+        self.step_rows = int(self.accelerator.reduce(rows, "sum")) if self.args.world_size > 1 else int(rows)
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """Weights the balance loss by this micro-batch's share of the step's rows, times the processes (whose
+        gradients are averaged): the micro-batches then add up to one process's balance loss on the whole batch."""
+        share = labelled_rows(inputs) * self.args.world_size / max(self.step_rows, 1)
+        for moe in self.moe_layers:
+            moe.aux_loss_weight = share
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            for moe in self.moe_layers:
+                moe.aux_loss_weight = 1.0
+
+    def _track_num_input_tokens(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Trainer's count of the tokens trained (tokens/s), the stand-in row's left out."""
+        labelled = (inputs["labels"] != -100).any(dim=1)
+        super()._track_num_input_tokens({key: inputs[key][labelled] for key in ("input_ids", "attention_mask")})
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):  # fmt: skip
+        """Trainer's loop with the loss over every label token of the eval set. Trainer's own is a mean of batch
+        means: it changes with the batch size and the number of processes, and counts the repeated rows."""
+        self.eval_totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        totals = self.accelerator.reduce(self.eval_totals, "sum") if self.args.world_size > 1 else self.eval_totals
+        output.metrics[f"{metric_key_prefix}_loss"] = (totals[0] / totals[1]).item()
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The batch's loss summed over its label tokens (repeats cut off), added with their count to eval_totals."""
+        inputs = self.without_repeats(self._prepare_inputs(inputs))
+        with torch.no_grad():
+            total = model(**inputs, num_items_in_batch=1).loss.detach()
+        count = (inputs["labels"][:, 1:] != -100).sum()
+        self.eval_totals += torch.stack([total.double(), count.double()])
+        return total, None, None
+
+
+def labelled_rows(batch: dict[str, torch.Tensor]) -> int:
+    """Rows with an answer to learn: all but the stand-in row of a process that has none (every real row has one)."""
+    return int((batch["labels"] != -100).any(dim=1).sum())
 
 
 def build_trainer(
@@ -321,7 +449,7 @@ def build_trainer(
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LineProgress())
-    trainer.add_callback(RunCallback(run_record(config)))
+    trainer.add_callback(RunCallback(run_record(config) | trainer.layout()))
     return trainer
 
 
@@ -337,6 +465,7 @@ def finetune(config: FinetuneConfig, train: list[Example], evaluation: list[Exam
     check_config(config)
     checkpoint = prepare_output(config)
     folder = resolve_model_folder(config.model)
+    check_base_weights(folder, config.method)  # before the rows are checked, which can take minutes
     processor = DeepseekVLV2Processor.from_pretrained(folder)
     collator = Collator(processor, config.max_length, context_length(folder))
     # one bar under torchrun; not PartialState(), which would set up the distributed state before TrainingArguments
@@ -347,6 +476,9 @@ def finetune(config: FinetuneConfig, train: list[Example], evaluation: list[Exam
         raise DataError(problems)
     model, processor = load_model(config, processor)
     trainer = build_trainer(config, model, processor, train, evaluation)
+    if checkpoint:
+        check_checkpoint(Path(checkpoint), config, trainer.layout())
+        check_random_state(Path(checkpoint), trainer.args.world_size, config)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -356,6 +488,8 @@ def finetune(config: FinetuneConfig, train: list[Example], evaluation: list[Exam
     if trainer.is_world_process_zero():
         processor.save_pretrained(config.output)
         write_run_record(Path(config.output), run_record(config))
+        if config.method == "full":  # a model folder, read by the official code as well (as merge writes it)
+            add_official_dtype_key(Path(config.output) / "config.json", resolve_dtype(config.dtype, config.method))
     state = trainer.state
     evaluated = [entry for entry in state.log_history if "eval_loss" in entry]
     if not evaluation:
