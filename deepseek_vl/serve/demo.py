@@ -73,6 +73,7 @@ def build_demo(
     active: dict[str, _Answer] = {}  # session -> its answer in progress, so Stop and Clear reach it from elsewhere
     active_lock = threading.Lock()
     context = int(chat.model.config.language_config.max_position_embeddings)
+    image_tag = chat.processor.image_token
 
     def respond(
         prompt: str,
@@ -128,6 +129,14 @@ def build_demo(
             problem = f"⚠️ At most {max_images} images per conversation; press Clear to start a new one."
             yield history, conversation, sent, gr.skip(), problem, gr.skip()
             return
+        tags = prompt.count(image_tag)
+        if tags and tags != len(new_paths):  # the gallery still shows the images sent before, which are not sent again
+            problem = (
+                f"⚠️ The prompt has {tags} {image_tag} tags but {len(new_paths)} new images: images sent in earlier "
+                "turns stay in the conversation and take no tag; give one tag per new image, or none."
+            )
+            yield history, conversation, sent, gr.skip(), problem, gr.skip()
+            return
         try:
             images = [_load_upload(p, max_image_pixels, exif_transpose) for p in new_paths]
         except ValueError as error:
@@ -138,6 +147,11 @@ def build_demo(
         options = {"temperature": temperature, "top_p": top_p, "repetition_penalty": repetition_penalty}
         try:
             room = context - chat.count_prompt_tokens(turn)
+            if room < 1 and not conversation:
+                raise ValueError(
+                    f"The prompt and its images leave no room in the model's {context}-token context: shorten the "
+                    "prompt or send fewer or smaller images."
+                )
             if room < 1:
                 raise ValueError(f"The conversation no longer fits the model's {context}-token context; press Clear.")
             stream = engine.stream(turn, max_new_tokens=min(int(max_new_tokens), room), **options)
@@ -172,7 +186,7 @@ def build_demo(
         result = stream.result
         conversation = [*turn, {"role": "assistant", "content": result.text}]
         all_images = [image for message in conversation for image in message.get("images", [])]
-        status = _summary(result, turn=sum(m["role"] == "user" for m in conversation))
+        status = _summary(result, turn=sum(m["role"] == "user" for m in conversation), full=room < int(max_new_tokens))
         annotated = None
         if result.grounding.boxes and all_images:
             labels = ", ".join(dict.fromkeys(box.label or "box" for box in result.grounding.boxes))
@@ -280,8 +294,10 @@ def _load_upload(path: str, max_pixels: int, exif_transpose: bool = False) -> An
         raise ValueError(f"Could not use the upload {name!r}: {str(error).replace(repr(path), repr(name))}") from error
 
 
-def _summary(result: Any, turn: int) -> str:
-    reasons = {"stop": "", "length": " (stopped at max new tokens)", "cancelled": " (stopped)"}
+def _summary(result: Any, turn: int, full: bool) -> str:
+    """`full`: the answer was capped by the context's room, not by the max new tokens slider."""
+    length = " (stopped: the context is full, press Clear)" if full else " (stopped at max new tokens)"
+    reasons = {"stop": "", "length": length, "cancelled": " (stopped)"}
     counts = f"Turn {turn}: {result.prompt_tokens} prompt + {result.completion_tokens} answer tokens"
     boxes = "; ".join(f"{box.label or 'box'} {list(box.box)}" for box in result.grounding.boxes)
     return f"{counts}{reasons.get(result.finish_reason, '')}" + (f". Boxes: {boxes}" if boxes else "")
