@@ -6,27 +6,18 @@ The demo runs the Tiny golden checkpoint on a free 127.0.0.1 port; each test is 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("gradio")
 
+import test_demo_review
 from PIL import Image
 from test_demo_review import COUNTING, send, session
-from test_server import forced_answer, free_port, tiny_chat
+from test_server import forced_answer, tiny_chat
 
-from deepseek_vl.serve.demo import build_demo, launch
-
-
-@pytest.fixture(scope="module")
-def demo_url() -> Iterator[str]:
-    port = free_port()
-    demo = build_demo(tiny_chat(), max_images=3)
-    launch(demo, port=port, prevent_thread_lock=True)
-    yield f"http://127.0.0.1:{port}"
-    demo.close()
+demo_url = test_demo_review.demo_url  # the same demo fixture (one demo per module)
 
 
 def context() -> int:
